@@ -1,0 +1,1 @@
+"""Checkpoint layout, commit protocol, discovery, loading and retention."""

@@ -1,0 +1,210 @@
+"""Coordinated save: every rank writes and fsyncs its files, then rank 0 commits.
+
+The phases, each ending in a collective so that a failure on any rank reaches
+every rank (or the group timeout fires) instead of leaving ranks waiting:
+
+1. ``stage``: rank 0 creates the staging directory and broadcasts its name.
+2. ``prepare``: each rank flattens its state; ranks exchange success flags.
+3. ``write``: ``torch.distributed.checkpoint.save`` into the staging directory.
+   DCP gathers per-rank write errors and raises on every rank.
+4. ``report``: each rank fsyncs its own files and checksums them; the reports
+   are gathered on rank 0.
+5. ``commit``: rank 0 checks that every rank reported, writes the manifest
+   atomically, renames the staging directory to its final name and fsyncs the
+   parent. The result is broadcast, so no rank returns before the commit.
+
+Until step 5 renames the directory, nothing under a final name changes, so an
+earlier complete checkpoint is never touched by a failed save.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from resilient._logging import get_logger
+from resilient.checkpoint.fsutil import checksum_file, fsync_dir, fsync_file, write_json_atomic
+from resilient.checkpoint.layout import (
+    MARKER_NAME,
+    FileEntry,
+    Manifest,
+    aside_name,
+    checkpoint_name,
+    current_versions,
+    staging_name,
+)
+from resilient.comm import Comm
+from resilient.errors import CheckpointError
+
+log = get_logger(__name__)
+
+#: Seconds each rank sleeps between writing its files and reporting them. A
+#: test hook that widens the window in which a kill lands mid-save.
+DEBUG_COMMIT_DELAY_ENV = "RESILIENT_DEBUG_COMMIT_DELAY"
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """A committed checkpoint: where it is and what the save cost."""
+
+    path: Path
+    step: int
+    reason: str
+    total_bytes: int
+    seconds: float
+
+
+def _local_error(phase: str, err: BaseException) -> str:
+    return f"{phase} failed: {type(err).__name__}: {err}"
+
+
+def _raise_if_any_failed(comm: Comm, phase: str, error: str | None, staging: Path | None) -> None:
+    """Exchange per-rank errors of ``phase``; raise CheckpointError on every rank if any failed."""
+    errors = comm.all_gather_object(error)
+    failed = {rank: message for rank, message in enumerate(errors) if message}
+    if not failed:
+        return
+    if comm.rank == 0 and staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary = "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failed.items()))
+    raise CheckpointError(f"checkpoint save aborted in the {phase} phase, no marker written ({summary})")
+
+
+def _report_files(staging: Path, rank: int) -> list[FileEntry]:
+    """fsync and checksum the files this rank wrote (and ``.metadata`` on rank 0)."""
+    names = sorted(name for name in os.listdir(staging) if name.startswith(f"__{rank}_"))
+    if rank == 0 and (staging / ".metadata").exists():
+        names.append(".metadata")
+    entries = []
+    for name in names:
+        path = staging / name
+        fsync_file(path)
+        entries.append(FileEntry(path=name, size=path.stat().st_size, checksum=checksum_file(path), rank=rank))
+    return entries
+
+
+def _publish(staging: Path, final: Path, manifest: Manifest) -> None:
+    """Write the marker, then move the staging directory to its final name (rank 0 only)."""
+    write_json_atomic(staging / MARKER_NAME, manifest.to_json())
+    if final.exists():
+        # The same step was saved before (for example after resuming from an
+        # older checkpoint). Keep the old directory under another name rather
+        # than deleting anything here.
+        aside = final.with_name(aside_name(manifest.step, "superseded"))
+        os.rename(final, aside)
+        log.warning("Moved the existing %s to %s before committing step %d again.", final, aside, manifest.step)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+
+
+def save_checkpoint(
+    comm: Comm,
+    root: Path,
+    *,
+    run_id: str,
+    step: int,
+    reason: str,
+    flatten_state: Callable[[], Mapping[str, torch.Tensor]],
+    trainer: Mapping[str, Any],
+) -> SaveResult:
+    """Save and commit one checkpoint. Collective: every rank of ``comm`` must call it.
+
+    When it returns, the checkpoint is durable and its marker exists on disk.
+    On any failure every rank raises :class:`CheckpointError` and no marker exists.
+    """
+    started = time.monotonic()
+
+    # Phase 1: stage.
+    staging_or_error: tuple[str, str | None] = ("", None)
+    if comm.rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = root / staging_name(step)
+            staging.mkdir()
+            staging_or_error = (str(staging), None)
+        except OSError as err:
+            staging_or_error = ("", _local_error("creating the staging directory", err))
+    staging_text, error = comm.broadcast_object(staging_or_error)
+    if error:
+        raise CheckpointError(f"checkpoint save of step {step} aborted: {error}")
+    staging = Path(staging_text)
+
+    # Phase 2: prepare.
+    flat: Mapping[str, torch.Tensor] = {}
+    error = None
+    try:
+        flat = flatten_state()
+    except Exception as err:  # noqa: BLE001 - reported to every rank below
+        error = _local_error("collecting state", err)
+        log.error("Collecting state for step %d failed:\n%s", step, traceback.format_exc())
+    _raise_if_any_failed(comm, "prepare", error, staging)
+
+    # Phase 3: write.
+    try:
+        writer = dcp.FileSystemWriter(staging, single_file_per_rank=True, sync_files=True, thread_count=1)
+        with comm.quiet_single_process():
+            dcp.save(dict(flat), storage_writer=writer, process_group=comm.group)
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException derives from BaseException
+        if comm.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"checkpoint save of step {step} failed while writing, no marker written: {err}") from err
+
+    delay = float(os.environ.get(DEBUG_COMMIT_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+    # Phase 4: report.
+    entries: list[FileEntry] = []
+    error = None
+    try:
+        entries = _report_files(staging, comm.rank)
+        fsync_dir(staging)
+    except Exception as err:  # noqa: BLE001 - reported to every rank below
+        error = _local_error("syncing and checksumming files", err)
+    reports = comm.all_gather_object((entries, error))
+
+    # Phase 5: commit on rank 0, result broadcast to every rank.
+    outcome: tuple[int, str | None] = (0, None)
+    if comm.rank == 0:
+        outcome = _commit(root, staging, reports, run_id=run_id, step=step, reason=reason,
+                          world_size=comm.world_size, trainer=trainer, started=started)
+    total_bytes, error = comm.broadcast_object(outcome)
+    if error:
+        raise CheckpointError(f"checkpoint save of step {step} was not committed: {error}")
+
+    result = SaveResult(root / checkpoint_name(step), step, reason, total_bytes, time.monotonic() - started)
+    log.info("Committed checkpoint %s (%s, %.1f MB) in %.2f s.", result.path, reason, total_bytes / 1e6, result.seconds)
+    return result
+
+
+def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step: int, reason: str,
+            world_size: int, trainer: Mapping[str, Any], started: float) -> tuple[int, str | None]:
+    failed = {rank: err for rank, (_entries, err) in enumerate(reports) if err}
+    if len(reports) != world_size or failed:
+        shutil.rmtree(staging, ignore_errors=True)
+        missing = sorted(set(range(world_size)) - set(range(len(reports))))
+        details = "; ".join([f"rank {rank}: {err}" for rank, err in sorted(failed.items())]
+                            + ([f"no report from ranks {missing}"] if missing else []))
+        return 0, details
+
+    files = tuple(entry for entries, _err in reports for entry in entries)
+    manifest = Manifest(step=step, reason=reason, world_size=world_size, run_id=run_id, files=files,
+                        created_at=time.time(), save_seconds=time.monotonic() - started,
+                        trainer=dict(trainer), versions=current_versions())
+    try:
+        _publish(staging, root / checkpoint_name(step), manifest)
+    except Exception as err:  # noqa: BLE001 - every rank must hear about it through the broadcast
+        log.error("Committing step %d failed: %s", step, err)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        return 0, _local_error("writing the completion marker", err)
+    return manifest.total_bytes, None

@@ -1,0 +1,126 @@
+"""Pick the newest complete checkpoint every rank agrees on, verify it, and load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from resilient._logging import get_logger
+from resilient.checkpoint.discovery import complete_newest_first
+from resilient.checkpoint.fsutil import checksum_file
+from resilient.checkpoint.layout import Manifest, ManifestError, read_manifest
+from resilient.codec import Leaf
+from resilient.comm import Comm
+from resilient.errors import CheckpointLoadError
+
+log = get_logger(__name__)
+
+
+def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Check this rank's share of the files against the manifest; return one message per mismatch.
+
+    File ``i`` is checked by rank ``i % world_size``, so together the ranks read
+    each file once.
+    """
+    problems = []
+    for index, entry in enumerate(manifest.files):
+        if index % world_size != rank:
+            continue
+        file = path / entry.path
+        try:
+            size = file.stat().st_size
+            if size != entry.size:
+                problems.append(f"{file}: size is {size} bytes, the manifest says {entry.size}")
+                continue
+            actual = checksum_file(file)
+        except OSError as err:
+            problems.append(f"{file}: cannot be read ({err})")
+            continue
+        if actual != entry.checksum:
+            problems.append(f"{file}: {manifest.checksum_algorithm} is {actual}, the manifest says {entry.checksum}")
+    return problems
+
+
+def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf]) -> dict[str, torch.Tensor]:
+    """Check that the checkpoint has every key, and size JSON leaves as stored."""
+    # NOTE: DCP's .metadata file is a pickle; it is read only after its checksum matched the manifest.
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    missing = sorted(key for key in flat if key not in metadata)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointLoadError(
+            f"checkpoint {path} has no state for {len(missing)} entries the running job expects ({shown}). "
+            "It was written by a different model, optimizer or set of registered objects; start with a new "
+            "checkpoint directory or register the same objects as the run that wrote it."
+        )
+    sized = dict(flat)
+    for leaf in leaves:
+        if leaf.is_json:
+            stored = metadata[leaf.key]
+            if not isinstance(stored, TensorStorageMetadata):
+                raise CheckpointLoadError(f"checkpoint {path}: entry {leaf.key!r} is not stored as a tensor")
+            sized[leaf.key] = torch.empty(stored.size, dtype=torch.uint8)
+    return sized
+
+
+def _candidates(comm: Comm, root: Path, run_id: str, resume_from: Path | None) -> list[str]:
+    if comm.rank != 0:
+        return comm.broadcast_object(None)
+    if resume_from is not None:
+        paths = [str(resume_from)]
+    else:
+        paths = [str(info.path) for info in complete_newest_first(root, run_id)]
+    return comm.broadcast_object(paths)
+
+
+def load_latest(
+    comm: Comm,
+    root: Path,
+    run_id: str,
+    *,
+    build_template: Callable[[], tuple[dict[str, torch.Tensor], list[Leaf]]],
+    resume_from: Path | None = None,
+) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
+    """Load the newest complete checkpoint that verifies. Collective.
+
+    Rank 0 lists the candidates and broadcasts them, so every rank tries the
+    same checkpoints in the same order even when a shared filesystem shows
+    ranks different views. A candidate whose files fail their checksums is
+    skipped with an error naming the files, and the next older one is tried.
+    Returns None when there is no usable checkpoint.
+    """
+    for text in _candidates(comm, root, run_id, resume_from):
+        path = Path(text)
+        problems: list[str] = []
+        manifest: Manifest | None = None
+        try:
+            manifest = read_manifest(path)
+            problems = verify_checksums(path, manifest, comm.rank, comm.world_size)
+        except (OSError, ManifestError) as err:
+            problems = [f"{path}: {err}"]
+        all_problems = [p for rank_problems in comm.all_gather_object(problems) for p in rank_problems]
+        if all_problems or manifest is None:
+            if comm.rank == 0:
+                log.error("Checkpoint %s is corrupt, falling back to an older one: %s", path, "; ".join(all_problems))
+            continue
+
+        if manifest.world_size != comm.world_size:
+            raise CheckpointLoadError(
+                f"checkpoint {path} was written by {manifest.world_size} ranks but this job runs "
+                f"{comm.world_size}. Restart with {manifest.world_size} ranks, or start a new checkpoint directory."
+            )
+        flat, leaves = build_template()
+        sized = _sized_template(path, flat, leaves)
+        try:
+            with comm.quiet_single_process():
+                dcp.load(sized, storage_reader=dcp.FileSystemReader(path), process_group=comm.group)
+        except CheckpointException as err:  # derives from BaseException, so wrap it in an ordinary error
+            raise CheckpointLoadError(f"loading checkpoint {path} failed: {err}") from err
+        return manifest, sized
+    return None
+

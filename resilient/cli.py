@@ -1,0 +1,136 @@
+"""The ``resilient`` command: inspect checkpoint directories and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from resilient.checkpoint.discovery import COMPLETE, CheckpointInfo, scan, size_on_disk
+from resilient.checkpoint.layout import ManifestError, read_run_id
+from resilient.errors import EXIT_PREEMPTED
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{count} B"
+
+
+def _run_id_or_none(root: Path) -> str | None:
+    try:
+        return read_run_id(root)
+    except ManifestError as err:
+        print(f"warning: {err}; foreign checkpoints cannot be told apart", file=sys.stderr)
+        return None
+
+
+def _record(info: CheckpointInfo) -> dict[str, object]:
+    manifest = info.manifest
+    created = manifest.created_at if manifest else info.path.stat().st_mtime
+    return {
+        "step": info.step,
+        "status": info.status,
+        "reason": info.reason,
+        "world_size": info.world_size,
+        "path": str(info.path),
+        "bytes": size_on_disk(info),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+        "run_id": manifest.run_id if manifest else None,
+        "problem": info.problem,
+    }
+
+
+def _require_dir(root: Path) -> int | None:
+    if not root.exists():
+        print(f"error: checkpoint directory {root} does not exist", file=sys.stderr)
+        return 2
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 2
+    return None
+
+
+def command_ls(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    failed = _require_dir(root)
+    if failed is not None:
+        return failed
+    records = [_record(info) for info in scan(root, _run_id_or_none(root))]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        print(f"no checkpoints in {root}")
+        return 0
+    header = f"{'STEP':>9}  {'STATUS':<8}  {'REASON':<10}  {'WORLD':>5}  {'SIZE':>9}  {'TIME (UTC)':<20}  PATH"
+    print(header)
+    for record in records:
+        print(f"{record['step']:>9}  {record['status']:<8}  {record['reason'] or '-':<10}  "
+              f"{record['world_size'] if record['world_size'] is not None else '-':>5}  "
+              f"{_human_bytes(int(record['bytes'])):>9}  {record['time']:<20}  {record['path']}")
+        if record["problem"]:
+            print(f"{'':>11}{record['problem']}")
+    return 0
+
+
+def command_latest(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    failed = _require_dir(root)
+    if failed is not None:
+        return 1
+    complete = [info for info in scan(root, _run_id_or_none(root)) if info.status == COMPLETE]
+    if not complete:
+        print(f"error: no complete checkpoint in {root}", file=sys.stderr)
+        return 1
+    print(complete[-1].path)
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from resilient.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir) if args.workdir else None, max_steps=args.max_steps,
+                    keep=args.keep_files)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resilient",
+        description="Preemption-safe PyTorch training: inspect checkpoints and run the demo.",
+        epilog=f"Exit statuses of training processes: 0 finished, {EXIT_PREEMPTED} preempted with a "
+               "checkpoint committed (restart the same command), anything else a failure.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ls = commands.add_parser("ls", help="list checkpoint directories and their status")
+    ls.add_argument("dir", help="checkpoint directory of a run")
+    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ls.set_defaults(func=command_ls)
+
+    latest = commands.add_parser("latest", help="print the path of the latest complete checkpoint")
+    latest.add_argument("dir", help="checkpoint directory of a run")
+    latest.set_defaults(func=command_latest)
+
+    demo = commands.add_parser("demo", help="preempt a 2-rank training job, resume it and compare with an "
+                                            "uninterrupted run")
+    demo.add_argument("--workdir", help="directory for the demo's checkpoints (default: a new temporary one)")
+    demo.add_argument("--max-steps", type=int, default=60, help="training steps of each run (default 60)")
+    demo.add_argument("--keep-files", action="store_true", help="keep the demo's checkpoints afterwards")
+    demo.set_defaults(func=command_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Settings of a Supervisor, validated when the object is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from resilient.errors import ConfigError
+from resilient.signals import parse_signals, signals_from_env
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Settings for checkpointing and preemption handling.
+
+    Attributes:
+        ckpt_dir: Directory that holds this run's checkpoints.
+        save_every: Save a periodic checkpoint every this many steps; None saves only on
+            preemption and at the end.
+        keep: Number of complete checkpoints to keep; older ones are removed after a newer one commits.
+        check_every: Run the stop agreement every this many steps.
+        signals: Signal names that request a stop; None reads ``RESILIENT_SIGNALS`` or uses
+            SIGTERM and SIGUSR1.
+        collective_timeout: Seconds any of resilient's collectives waits for the other ranks
+            before failing, so a dead or stopped rank cannot hang the others forever.
+        run_id: Identity of the run; None takes the one stored in ``ckpt_dir/run.json`` or creates one.
+        resume_from: Resume from this checkpoint directory instead of the newest complete one.
+        exit_on_preemption: After the preemption checkpoint, raise ``Preempted`` (exit status 75).
+            When False the step loop just ends and ``Supervisor.preempted`` is True.
+    """
+
+    ckpt_dir: str | os.PathLike
+    save_every: int | None = None
+    keep: int = 3
+    check_every: int = 1
+    signals: tuple[str, ...] | None = None
+    collective_timeout: float = 600.0
+    run_id: str | None = None
+    resume_from: str | os.PathLike | None = None
+    exit_on_preemption: bool = True
+
+    def __post_init__(self) -> None:
+        if not str(self.ckpt_dir):
+            raise ConfigError("ckpt_dir is empty; pass the directory that should hold the checkpoints")
+        self._check_positive_int("save_every", self.save_every, allow_none=True)
+        self._check_positive_int("keep", self.keep)
+        self._check_positive_int("check_every", self.check_every)
+        if isinstance(self.collective_timeout, bool) or not isinstance(self.collective_timeout, (int, float)) \
+                or not self.collective_timeout > 0:
+            raise ConfigError(f"collective_timeout must be a positive number of seconds, got {self.collective_timeout!r}")
+        if self.signals is not None:
+            object.__setattr__(self, "signals", tuple(s.name for s in parse_signals(self.signals)))
+        else:
+            signals_from_env()  # reject an invalid RESILIENT_SIGNALS now, not at install time
+        if self.run_id is not None and (not self.run_id or "/" in self.run_id):
+            raise ConfigError(f"run_id {self.run_id!r} is invalid; use a non-empty name without '/'")
+
+    @staticmethod
+    def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " or None" if allow_none else ""
+            raise ConfigError(f"{name} must be an integer of at least 1{hint}, got {value!r}")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.ckpt_dir).expanduser()

@@ -1,0 +1,113 @@
+"""Data position: which epoch and how many batches of it each rank has consumed."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from torch.utils.data import DataLoader, DistributedSampler
+
+from resilient._logging import get_logger
+
+log = get_logger(__name__)
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` that can start an epoch part-way through.
+
+    ``skip(n)`` drops the first ``n`` indices of the current epoch's order, so
+    a resumed run continues with exactly the samples the interrupted run would
+    have seen next. The order depends only on ``seed`` and the epoch, as in
+    ``DistributedSampler``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._skip = 0
+
+    def skip(self, num_samples: int) -> None:
+        """Drop the first ``num_samples`` indices of the current epoch."""
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be at least 0, got {num_samples}")
+        self._skip = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self._skip:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self._skip, 0)
+
+
+class BatchStream:
+    """Endless batches from a DataLoader, across epochs, tracking the position.
+
+    The position advances when a batch is handed to the training loop, not when
+    the loader prefetches it, so the saved position is the true one.
+    """
+
+    def __init__(self, loader: DataLoader, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.batch_in_epoch = batch_in_epoch
+        self._iterator: Iterator[Any] | None = None
+        self._epochs_without_batches = 0
+
+    @property
+    def sampler(self) -> Any:
+        return getattr(self.loader, "sampler", None)
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def open_epoch(self) -> None:
+        """Create the iterator for the current epoch, skipping the batches already consumed.
+
+        Creating a DataLoader iterator draws a seed from torch's global
+        generator, so the caller decides when this happens relative to
+        restoring the RNG state.
+        """
+        sampler = self.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        skip_batches = self.batch_in_epoch
+        if skip_batches and isinstance(sampler, ResumableSampler):
+            batch_size = self.loader.batch_size
+            if batch_size is None:
+                raise ValueError("ResumableSampler needs a DataLoader with batch_size set to skip whole batches")
+            sampler.skip(skip_batches * batch_size)
+            skip_batches = 0
+        self._iterator = iter(self.loader)
+        if skip_batches:
+            # Without a sampler that can skip, the consumed batches are loaded and dropped.
+            log.warning("Fast-forwarding %d batches of epoch %d by loading them; use resilient.ResumableSampler "
+                        "to skip them without loading.", skip_batches, self.epoch)
+            for _ in range(skip_batches):
+                try:
+                    next(self._iterator)
+                except StopIteration:
+                    break
+
+    def next_batch(self) -> Any:
+        while True:
+            if self._iterator is None:
+                self.open_epoch()
+            assert self._iterator is not None
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                if self.batch_in_epoch == 0:
+                    self._epochs_without_batches += 1
+                    if self._epochs_without_batches > 1:
+                        raise ValueError("the DataLoader produced no batches in a whole epoch; check the dataset "
+                                         "size against batch_size and drop_last") from None
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._iterator = None
+                continue
+            self._epochs_without_batches = 0
+            self.batch_in_epoch += 1
+            return batch

@@ -1,0 +1,140 @@
+"""What one rank's state is, and how it is captured and restored.
+
+The state tree saved through DCP has two parts:
+
+* ``model`` and ``optim``: from ``torch.distributed.checkpoint.state_dict``,
+  keyed by fully qualified parameter names. Under DDP every rank holds the same
+  values under the same keys, and DCP stores one copy.
+* ``ranks.<rank>``: what differs per rank (RNG, data position, counters,
+  schedulers, grad scaler, user ``Stateful`` objects). The rank in the key keeps
+  DCP from merging different values that share a key.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Any object with ``state_dict()`` and ``load_state_dict(state)``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class TrainerState:
+    """Counters of the training loop, per rank.
+
+    ``step`` counts completed optimizer steps. ``epoch`` and ``batch_in_epoch``
+    are the data position: the batches of ``epoch`` this rank has consumed.
+    ``samples_seen`` counts samples this rank has consumed since the run began.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name in ("step", "epoch", "batch_in_epoch", "samples_seen"):
+            setattr(self, name, int(state.get(name, 0)))
+
+
+# -- RNG -------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Return the states of Python's, NumPy's and torch's global generators (CUDA when in use)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Put back generator states captured by :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- registered objects ------------------------------------------------------------
+
+
+@dataclass
+class Registered:
+    """The objects whose state a rank saves and restores."""
+
+    model: nn.Module | None = None
+    optimizers: Sequence[torch.optim.Optimizer] = ()
+    schedulers: Sequence[Any] = ()
+    scaler: Any = None
+    stateful: Mapping[str, Stateful] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.optimizers and self.model is None:
+            raise ValueError("optimizers were registered without a model; pass model= as well")
+        for name, obj in self.stateful.items():
+            if not isinstance(obj, Stateful):
+                raise TypeError(f"stateful object {name!r} ({type(obj).__name__}) lacks state_dict() and "
+                                "load_state_dict(); implement both or wrap it")
+
+    def model_and_optim(self) -> dict[str, Any]:
+        if self.model is None:
+            return {}
+        model_state, optim_state = get_state_dict(self.model, list(self.optimizers))
+        tree: dict[str, Any] = {"model": model_state}
+        if self.optimizers:
+            tree["optim"] = optim_state
+        return tree
+
+    def load_model_and_optim(self, tree: Mapping[str, Any]) -> None:
+        if self.model is None:
+            return
+        set_state_dict(self.model, list(self.optimizers), model_state_dict=tree["model"],
+                       optim_state_dict=tree.get("optim", {}))
+
+    def rank_state(self, trainer: TrainerState) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "trainer": trainer.state_dict(),
+            "rng": capture_rng(),
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+            "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()},
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_rank_state(self, state: Mapping[str, Any], trainer: TrainerState) -> None:
+        """Restore everything of one rank except the RNG, which the caller restores at the right moment."""
+        trainer.load_state_dict(state["trainer"])
+        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(scheduler_state)
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state["stateful"][name])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,322 @@
+"""The object a training loop uses: resume, decide at each step boundary, save, exit.
+
+Typical use, on every rank::
+
+    with resilient.Supervisor(ckpt_dir="ckpt", save_every=100) as sup:
+        dist.init_process_group("gloo")
+        ...build model, optimizer, scheduler, loader...
+        sup.register(model=model, optimizer=optimizer, scheduler=scheduler)
+        for step, batch in sup.train(loader, max_steps=10_000):
+            ...forward, backward, optimizer.step(), scheduler.step()...
+
+On an agreed preemption every rank saves the same step, and then raises
+``Preempted`` (a ``SystemExit`` with status 75) out of the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from resilient._logging import CONTEXT, get_logger
+from resilient.agreement import Agreement, StopReason
+from resilient.checkpoint.commit import SaveResult, save_checkpoint
+from resilient.checkpoint.discovery import COMPLETE, scan
+from resilient.checkpoint.layout import ManifestError, new_run_id, read_run_id, write_run_id
+from resilient.checkpoint.load import load_latest
+from resilient.checkpoint.retention import apply_retention
+from resilient.codec import flatten, unflatten
+from resilient.comm import Comm
+from resilient.config import Config
+from resilient.data import BatchStream
+from resilient.errors import CheckpointError, ConfigError, Preempted
+from resilient.signals import SignalRecorder
+from resilient.state import Registered, Stateful, TrainerState, restore_rng
+
+log = get_logger(__name__)
+
+
+def _as_list(one: Any, many: Sequence[Any]) -> list[Any]:
+    items = list(many)
+    if one is not None:
+        items.insert(0, one)
+    return items
+
+
+def _batch_length(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_length(batch[0])
+    if isinstance(batch, Mapping) and batch:
+        return _batch_length(next(iter(batch.values())))
+    return None
+
+
+class Supervisor:
+    """Preemption handling and coordinated checkpoints for one training process.
+
+    Creating it installs the signal handlers (main thread only); leaving the
+    ``with`` block, or :meth:`close`, restores the previous ones. Methods marked
+    collective must be called by every rank at the same point.
+    """
+
+    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            raise ConfigError(f"pass either a Config or keyword settings, not both (got {sorted(settings)})")
+        self.config = config if config is not None else Config(**settings)
+        self.trainer = TrainerState()
+        self.preempted = False
+        self.resumed_from: Path | None = None
+        self.last_save: SaveResult | None = None
+
+        self._registered = Registered()
+        self._comm: Comm | None = None
+        self._agreement: Agreement | None = None
+        self._run_id: str | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._resumed = False
+        self._last_saved_step: int | None = None
+
+        self.recorder = SignalRecorder(self.config.signals)
+        self.recorder.install()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Restore the signal handlers that were installed before this Supervisor."""
+        self.recorder.restore()
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank if self._comm else 0
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size if self._comm else 1
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    # -- registration and resume -----------------------------------------------
+
+    def register(
+        self,
+        *,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        scheduler: Any = None,
+        schedulers: Sequence[Any] = (),
+        scaler: Any = None,
+        stateful: Mapping[str, Stateful] | None = None,
+    ) -> "Supervisor":
+        """Name the objects whose state is saved and restored. Call before :meth:`resume`."""
+        if self._resumed:
+            raise RuntimeError("register() must be called before resume(), train() or steps()")
+        self._registered = Registered(model=model, optimizers=_as_list(optimizer, optimizers),
+                                      schedulers=_as_list(scheduler, schedulers), scaler=scaler,
+                                      stateful=dict(stateful or {}))
+        self._registered.validate()
+        return self
+
+    def _connect(self) -> Comm:
+        if self._comm is None:
+            self._comm = Comm(self.config.collective_timeout)
+            CONTEXT.rank, CONTEXT.world_size = self._comm.rank, self._comm.world_size
+            # init_process_group may have loaded a library that took over a signal.
+            self.recorder.ensure_installed()
+            self._agreement = Agreement(self._comm, self.recorder, self.config.check_every)
+        return self._comm
+
+    def _resolve_run_id(self, comm: Comm) -> str:
+        outcome: tuple[str | None, str | None] = (None, None)
+        if comm.rank == 0:
+            try:
+                outcome = (self._run_id_on_rank0(), None)
+            except (ConfigError, ManifestError, OSError) as err:
+                outcome = (None, str(err))
+        run_id, error = comm.broadcast_object(outcome)
+        if error:
+            raise ConfigError(error)
+        return run_id
+
+    def _run_id_on_rank0(self) -> str:
+        root = self.config.root
+        root.mkdir(parents=True, exist_ok=True)
+        stored = read_run_id(root)
+        wanted = self.config.run_id
+        if wanted is not None and stored is not None and stored != wanted:
+            raise ConfigError(
+                f"checkpoint directory {root} belongs to run {stored!r}, but run_id={wanted!r} was requested. "
+                "Use another directory for a different run, or drop run_id to continue the existing one."
+            )
+        if stored is not None:
+            return stored
+        run_id = wanted
+        if run_id is None:
+            adopted = [info for info in scan(root) if info.status == COMPLETE and info.manifest is not None]
+            if adopted:
+                run_id = adopted[-1].manifest.run_id
+                log.warning("%s has no run.json; adopting run id %s from %s.", root, run_id, adopted[-1].path)
+            else:
+                run_id = new_run_id()
+        write_run_id(root, run_id)
+        return run_id
+
+    def _state_tree(self) -> dict[str, Any]:
+        tree = self._registered.model_and_optim()
+        tree["ranks"] = {str(self.rank): self._registered.rank_state(self.trainer)}
+        return tree
+
+    def resume(self) -> TrainerState:
+        """Load the newest complete checkpoint, if any, and return the trainer counters. Collective.
+
+        The RNG state is restored when the step loop starts, not here, so that
+        creating a DataLoader iterator in between cannot shift it.
+        """
+        if self._resumed:
+            return self.trainer
+        comm = self._connect()
+        self._run_id = self._resolve_run_id(comm)
+        started = time.monotonic()
+        resume_from = Path(self.config.resume_from) if self.config.resume_from else None
+
+        like: dict[str, Any] = {}
+
+        def build_template() -> tuple[dict[str, torch.Tensor], list[Any]]:
+            like.update(self._state_tree())
+            return flatten(like)
+
+        loaded = load_latest(comm, self.config.root, self._run_id, build_template=build_template,
+                             resume_from=resume_from)
+        self._resumed = True
+        if loaded is None:
+            log.info("No complete checkpoint in %s; starting run %s from step 0.", self.config.root, self._run_id)
+            return self.trainer
+
+        manifest, sized = loaded
+        _flat, leaves = flatten(like)
+        tree = unflatten(sized, leaves, like)
+        self._registered.load_model_and_optim(tree)
+        rank_state = tree["ranks"][str(self.rank)]
+        self._registered.load_rank_state(rank_state, self.trainer)
+        self._pending_rng = rank_state["rng"]
+        self._last_saved_step = manifest.step
+        self.resumed_from = self.config.root / f"step_{manifest.step:09d}"
+        log.info("Resumed from %s (step %d, %s, saved by %d ranks) in %.2f s.", self.resumed_from, manifest.step,
+                 manifest.reason, manifest.world_size, time.monotonic() - started)
+        return self.trainer
+
+    # -- step loop --------------------------------------------------------------
+
+    def steps(self, max_steps: int) -> Iterator[int]:
+        """Yield step numbers ``trainer.step + 1 .. max_steps``, deciding after each step.
+
+        After the loop body of step N returns, the step counts as done; then the
+        ranks agree on stopping, and periodic, preemption and final saves happen.
+        Creating a DataLoader iterator draws from torch's global RNG; when you
+        iterate a DataLoader yourself, prefer :meth:`train` or give the loader
+        its own ``generator`` so a resumed run draws the same numbers.
+        """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+            raise ConfigError(f"max_steps must be an integer of at least 0, got {max_steps!r}")
+        self.resume()
+        if self.trainer.step >= max_steps:
+            log.info("Training already reached step %d of %d; nothing to do.", self.trainer.step, max_steps)
+            return
+        self._restore_pending_rng()
+
+        while self.trainer.step < max_steps:
+            step = self.trainer.step + 1
+            CONTEXT.step = step
+            yield step
+            self.trainer.step = step
+            if self._after_step(step, max_steps):
+                return
+
+    def train(self, loader: DataLoader, max_steps: int) -> Iterator[tuple[int, Any]]:
+        """Yield ``(step, batch)`` pairs, resuming the data position exactly.
+
+        Epochs roll over automatically. With :class:`resilient.ResumableSampler`
+        the consumed part of an epoch is skipped without loading it; with any
+        other sampler those batches are loaded and dropped.
+        """
+        self.resume()
+        stream = BatchStream(loader, self.trainer.epoch, self.trainer.batch_in_epoch)
+        if self.trainer.batch_in_epoch > 0:
+            # The interrupted run created this epoch's iterator before the saved
+            # RNG state was taken, so do the same before the RNG is restored.
+            stream.open_epoch()
+        for step in self.steps(max_steps):
+            batch = stream.next_batch()
+            self.trainer.epoch = stream.epoch
+            self.trainer.batch_in_epoch = stream.batch_in_epoch
+            length = _batch_length(batch)
+            self.trainer.samples_seen += length if length is not None else (loader.batch_size or 0)
+            yield step, batch
+
+    def _restore_pending_rng(self) -> None:
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def _after_step(self, step: int, max_steps: int) -> bool:
+        """Run the step-boundary decisions; return True when the loop must end."""
+        if step >= max_steps:
+            if self._last_saved_step != step:
+                self.save("final")
+            return True
+
+        assert self._agreement is not None
+        if self._agreement.due(step) and self._agreement.agree(step) == StopReason.PREEMPTION:
+            if self._last_saved_step != step:
+                self.save("preemption")
+            self.preempted = True
+            path = str(self.config.root / f"step_{step:09d}")
+            if self.config.exit_on_preemption:
+                log.info("Exiting with status 75 after the preemption checkpoint of step %d.", step)
+                raise Preempted(step, path)
+            return True
+
+        if self.config.save_every and step % self.config.save_every == 0:
+            self.save("periodic")
+        return False
+
+    # -- saving -------------------------------------------------------------------
+
+    def save(self, reason: str = "manual") -> SaveResult:
+        """Save and commit a checkpoint of the current step. Collective.
+
+        Returns once the completion marker is durable on disk. Raises
+        ``CheckpointError`` on every rank when any rank fails.
+        """
+        comm = self._connect()
+        if not self._resumed:
+            raise RuntimeError("call resume() (or start train()/steps()) before save()")
+        assert self._run_id is not None
+        step = self.trainer.step
+        result = save_checkpoint(
+            comm, self.config.root, run_id=self._run_id, step=step, reason=reason,
+            flatten_state=lambda: flatten(self._state_tree())[0], trainer=self.trainer.state_dict(),
+        )
+        self._last_saved_step = step
+        self.last_save = result
+        if comm.rank == 0:
+            try:
+                apply_retention(self.config.root, self._run_id, self.config.keep)
+            except (OSError, CheckpointError) as err:
+                log.error("Retention after step %d failed: %s", step, err)
+        return result

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from jobs import LM_ARGS, TRAIN_LM, run_to_end, torchrun_command
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory shared by all pytest-xdist workers of this session."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in __import__("os").environ:
+        root = root.parent
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_digest(shared_dir: Path):
+    """Return the final digest of an uninterrupted train_lm run, computed once per argument list."""
+
+    def compute(max_steps: int, save_every: int) -> str:
+        key = f"lm-{max_steps}-{save_every}"
+        cache = shared_dir / f"{key}.json"
+        with FileLock(str(shared_dir / f"{key}.lock")):
+            if cache.exists():
+                return json.loads(cache.read_text())["digest"]
+            ckpt = shared_dir / f"{key}-ckpt"
+            job = run_to_end(torchrun_command(TRAIN_LM, "--ckpt-dir", str(ckpt), "--max-steps", str(max_steps),
+                                              "--save-every", str(save_every), *LM_ARGS))
+            digest = job.digest()
+            cache.write_text(json.dumps({"digest": digest}))
+            return digest
+
+    return compute

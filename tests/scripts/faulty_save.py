@@ -1,0 +1,81 @@
+"""A small 2-rank training job whose save fails on one rank at a chosen step.
+
+Usage: torchrun --nproc-per-node 2 faulty_save.py CKPT_DIR PHASE FAIL_STEP
+
+PHASE is ``prepare`` (a registered object's state_dict() raises), ``write``
+(the DCP file writer raises ENOSPC, as on a full disk) or ``report``
+(checksumming the written files raises). The failure happens on rank 1 only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import resilient
+import resilient.checkpoint.commit as commit
+
+ckpt_dir, phase, fail_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+current_step = 0
+
+
+class Counter:
+    """A registered object whose state_dict() fails on rank 1 at the chosen step in the prepare phase."""
+
+    def state_dict(self) -> dict:
+        if phase == "prepare" and rank == 1 and current_step == fail_step:
+            raise RuntimeError(f"injected failure in state_dict() at step {current_step}")
+        return {"step": current_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+if rank == 1 and phase == "write":
+    original_write = torch.distributed.checkpoint.FileSystemWriter.write_data
+
+    def failing_write(self, plan, planner):
+        if current_step == fail_step:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return original_write(self, plan, planner)
+
+    torch.distributed.checkpoint.FileSystemWriter.write_data = failing_write
+
+if rank == 1 and phase == "report":
+    original_checksum = commit.checksum_file
+
+    def failing_checksum(path):
+        if current_step == fail_step:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return original_checksum(path)
+
+    commit.checksum_file = failing_checksum
+
+torch.manual_seed(0)
+model = DistributedDataParallel(torch.nn.Linear(8, 8))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+started = time.monotonic()
+try:
+    with resilient.Supervisor(ckpt_dir=ckpt_dir, save_every=3, collective_timeout=30) as sup:
+        sup.register(model=model, optimizer=optimizer, stateful={"counter": Counter()})
+        for step in sup.steps(9):
+            current_step = step
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+except resilient.CheckpointError as err:
+    print(f"rank {rank}: CheckpointError after {time.monotonic() - started:.1f} s: {err}", flush=True)
+    sys.exit(3)
+finally:
+    dist.destroy_process_group()

@@ -1,0 +1,120 @@
+"""Kill-and-resume tests with real torchrun jobs, real signals and real files.
+
+Each test preempts or breaks a 2-rank job, restarts the same command, and
+compares the final digest with an uninterrupted run of the same command.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import LM_ARGS, TRAIN_LM, Job, job_env, run_to_end, torchrun_command
+from resilient.checkpoint.discovery import COMPLETE, scan
+from resilient.checkpoint.layout import read_manifest, read_run_id
+
+pytestmark = pytest.mark.integration
+
+MAX_STEPS = 30
+SAVE_EVERY = 10
+
+
+def lm_command(ckpt: Path) -> list[str]:
+    return torchrun_command(TRAIN_LM, "--ckpt-dir", str(ckpt), "--max-steps", str(MAX_STEPS),
+                            "--save-every", str(SAVE_EVERY), *LM_ARGS)
+
+
+def complete_steps(ckpt: Path) -> dict[int, str]:
+    return {info.step: info.reason for info in scan(ckpt, read_run_id(ckpt)) if info.status == COMPLETE}
+
+
+def test_sigterm_to_torchrun_resumes_exactly(tmp_path: Path, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    ckpt = tmp_path / "ckpt"
+
+    job = Job.start(lm_command(ckpt))
+    job.wait_for_step(13)
+    job.process.send_signal(signal.SIGTERM)
+    status = job.wait()
+
+    assert status != 0, "torchrun reports its own SIGTERM as a failure"
+    steps = complete_steps(ckpt)
+    preempted = [step for step, reason in steps.items() if reason == "preemption"]
+    assert len(preempted) == 1, f"expected one preemption checkpoint, found {steps}"
+    assert 13 <= preempted[0] < MAX_STEPS
+    assert job.output.count("Exiting with status 75") == 2
+
+    resumed = run_to_end(lm_command(ckpt))
+    assert f"Resumed from {ckpt / f'step_{preempted[0]:09d}'}" in resumed.output
+    assert resumed.digest() == expected
+
+
+def test_sigusr1_to_one_worker_stops_all(tmp_path: Path, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    ckpt = tmp_path / "ckpt"
+
+    job = Job.start(lm_command(ckpt))
+    job.wait_for_step(12)
+    workers = job.workers()
+    assert sorted(workers) == [0, 1]
+    workers[1].send_signal(signal.SIGUSR1)
+    status = job.wait()
+
+    # torchrun does not pass the workers' 75 through, but names it in its failure report.
+    assert status != 0
+    assert "exitcode  : 75" in job.output or "exitcode: 75" in job.output.replace(" ", "")
+    preempted = [step for step, reason in complete_steps(ckpt).items() if reason == "preemption"]
+    assert len(preempted) == 1
+    manifest = read_manifest(ckpt / f"step_{preempted[0]:09d}")
+    assert manifest.world_size == 2
+    assert sorted({entry.rank for entry in manifest.files}) == [0, 1]
+    assert "SIGUSR1 arrived on this rank" in job.output
+    assert "the signal arrived on another rank" in job.output
+
+    resumed = run_to_end(lm_command(ckpt))
+    assert resumed.digest() == expected
+
+
+def test_sigkill_during_save_keeps_previous(tmp_path: Path, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    ckpt = tmp_path / "ckpt"
+
+    # Each rank pauses 5 s between writing its files and reporting them, so the
+    # kill lands while the step-20 save is written but not yet committed.
+    job = Job.start(lm_command(ckpt), job_env(RESILIENT_DEBUG_COMMIT_DELAY="5"))
+    job.wait_for(lambda: any(p.name.startswith("step_000000020.tmp-") and any(p.glob("__1_*.distcp"))
+                             for p in ckpt.glob("step_*")), timeout=240, what="the step-20 staging directory")
+    time.sleep(0.5)
+    job.workers()[1].kill()
+    status = job.wait()
+
+    assert status != 0
+    assert not (ckpt / "step_000000020" / "manifest.json").exists()
+    assert complete_steps(ckpt) == {10: "periodic"}
+
+    resumed = run_to_end(lm_command(ckpt))
+    assert f"Resumed from {ckpt / 'step_000000010'}" in resumed.output
+    assert resumed.digest() == expected
+
+
+FAULTY_SAVE = Path(__file__).parent / "scripts" / "faulty_save.py"
+
+
+@pytest.mark.parametrize("phase", ["prepare", "write", "report"])
+def test_save_failure_on_one_rank(tmp_path: Path, phase: str) -> None:
+    ckpt = tmp_path / "ckpt"
+    started = time.monotonic()
+    job = Job.start(torchrun_command(FAULTY_SAVE, str(ckpt), phase, "6"))
+    status = job.wait(timeout=120)
+    elapsed = time.monotonic() - started
+
+    assert status != 0
+    assert "rank 0: CheckpointError" in job.output, job.output[-3000:]
+    assert "rank 1: CheckpointError" in job.output, job.output[-3000:]
+    assert elapsed < 100
+    assert complete_steps(ckpt) == {3: "periodic"}
+    assert not (ckpt / "step_000000006").exists()
+    assert not list(ckpt.glob("step_000000006.tmp-*")), "the staging directory of the failed save remains"
