@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from resilient._logging import get_logger
 from resilient.comm import Comm
@@ -20,21 +24,29 @@ class StopReason(enum.IntEnum):
 
 
 class Agreement:
-    """Run an ``all_reduce(MAX)`` of each rank's stop reason at step boundaries.
+    """Reduce each rank's stop reason with ``all_reduce(MAX)`` at step boundaries.
 
     SLURM can signal only some processes, and a signal reaches each rank at a
     different moment, so each rank's local view is reduced to one decision that
-    all ranks act on at the same step. The cost is one 8-byte all-reduce on the
-    gloo group every ``check_every`` steps.
+    all ranks act on at the same step.
+
+    With ``overlap`` (the default) the all-reduce started at one check is
+    waited for at the next one, so it runs during the training step instead of
+    stalling it; a stop then takes effect one check later. Every rank calls
+    :meth:`agree` and :meth:`drain` at the same steps, so every rank waits on
+    the same collective and reads the same result.
     """
 
-    def __init__(self, comm: Comm, recorder: SignalRecorder, check_every: int) -> None:
+    def __init__(self, comm: Comm, recorder: SignalRecorder, check_every: int, *, overlap: bool = True) -> None:
         self.comm = comm
         self.recorder = recorder
         self.check_every = check_every
+        self.overlap = overlap and comm.distributed
         self.decision = StopReason.NONE
         self.calls = 0
         self.seconds = 0.0
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._ready: StopReason | None = None
 
     def due(self, step: int) -> bool:
         return step % self.check_every == 0
@@ -43,24 +55,57 @@ class Agreement:
         return StopReason.PREEMPTION if self.recorder.events else StopReason.NONE
 
     def agree(self, step: int) -> StopReason:
-        """Return the stop reason all ranks agree on after ``step``. Collective."""
+        """Return the stop reason all ranks agree on at ``step``. Collective."""
         self.recorder.ensure_installed()
         local = self.local_reason()
         start = time.perf_counter()
-        agreed = StopReason(self.comm.all_reduce_max(int(local)))
+        if self.overlap:
+            previous = self._ready if self._ready is not None else self._wait_pending()
+            self._ready = None
+            self._pending = self._launch(local)
+            agreed = previous if previous is not None else StopReason.NONE
+        else:
+            agreed = StopReason(self.comm.all_reduce_max(int(local)))
         self.seconds += time.perf_counter() - start
         self.calls += 1
 
         if agreed != StopReason.NONE and self.decision == StopReason.NONE:
-            event = self.recorder.first_event
-            if event is not None:
-                seen = f"{event.name} arrived on this rank {time.monotonic() - event.monotonic:.2f} s ago"
-            else:
-                seen = "the signal arrived on another rank"
-            log.info("All ranks agreed to stop after step %d for %s (%s).", step, agreed.name.lower(), seen)
+            self._log_decision(step, agreed)
         self.decision = max(self.decision, agreed)
         return agreed
 
+    def drain(self) -> None:
+        """Finish an all-reduce still in flight, keeping its result for the next :meth:`agree`. Collective.
+
+        Called before any other collective on resilient's group (a save) and
+        when the loop ends, so no operation is left pending.
+        """
+        result = self._wait_pending()
+        if result is not None:
+            self._ready = max(self._ready or StopReason.NONE, result)
+
+    def _launch(self, local: StopReason) -> tuple[Any, torch.Tensor]:
+        tensor = torch.tensor([int(local)], dtype=torch.int64)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.comm.group, async_op=True)
+        return work, tensor
+
+    def _wait_pending(self) -> StopReason | None:
+        if self._pending is None:
+            return None
+        work, tensor = self._pending
+        self._pending = None
+        work.wait()
+        return StopReason(int(tensor.item()))
+
+    def _log_decision(self, step: int, agreed: StopReason) -> None:
+        event = self.recorder.first_event
+        if event is not None:
+            seen = f"{event.name} arrived on this rank {time.monotonic() - event.monotonic:.2f} s ago"
+        else:
+            seen = "the signal arrived on another rank"
+        log.info("All ranks agreed to stop after step %d for %s (%s).", step, agreed.name.lower(), seen)
+
     @property
     def mean_seconds(self) -> float:
+        """Mean time a call to :meth:`agree` blocked the caller."""
         return self.seconds / self.calls if self.calls else 0.0

@@ -245,7 +245,9 @@ class Supervisor:
             yield step
             self.trainer.step = step
             if self._after_step(step, max_steps):
-                return
+                break
+        assert self._agreement is not None
+        self._agreement.drain()
 
     def train(self, loader: DataLoader, max_steps: int) -> Iterator[tuple[int, Any]]:
         """Yield ``(step, batch)`` pairs, resuming the data position exactly.
@@ -306,7 +308,8 @@ class Supervisor:
         comm = self._connect()
         if not self._resumed:
             raise RuntimeError("call resume() (or start train()/steps()) before save()")
-        assert self._run_id is not None
+        assert self._run_id is not None and self._agreement is not None
+        self._agreement.drain()
         step = self.trainer.step
         result = save_checkpoint(
             comm, self.config.root, run_id=self._run_id, step=step, reason=reason,

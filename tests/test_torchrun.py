@@ -118,3 +118,24 @@ def test_save_failure_on_one_rank(tmp_path: Path, phase: str) -> None:
     assert complete_steps(ckpt) == {3: "periodic"}
     assert not (ckpt / "step_000000006").exists()
     assert not list(ckpt.glob("step_000000006.tmp-*")), "the staging directory of the failed save remains"
+
+
+def test_corrupt_latest_falls_back(tmp_path: Path, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    ckpt = tmp_path / "ckpt"
+    finished = run_to_end(lm_command(ckpt))
+    assert finished.digest() == expected
+
+    # Flip one byte of rank 1's data in the final checkpoint; the size stays the same.
+    shard = ckpt / "step_000000030" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    resumed = run_to_end(lm_command(ckpt))
+    assert "is corrupt, falling back to an older one" in resumed.output
+    assert str(shard) in resumed.output
+    assert f"Resumed from {ckpt / 'step_000000020'}" in resumed.output
+    assert resumed.digest() == expected
+    assert complete_steps(ckpt)[30] == "final"
+    assert len(list(ckpt.glob("step_000000030.superseded-*"))) == 1
