@@ -1,51 +1,52 @@
-"""resilient: PyTorch training that survives preemption and resumes exactly."""
+"""resilient: PyTorch training that survives preemption and resumes exactly.
+
+Names are imported on first use, so ``resilient ls`` and other commands that
+only read checkpoint directories start without loading torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from resilient.agreement import StopReason
-from resilient.checkpoint.commit import SaveResult
-from resilient.checkpoint.discovery import CheckpointInfo, complete_newest_first, scan
-from resilient.checkpoint.layout import Manifest, read_manifest
-from resilient.config import Config
-from resilient.data import ResumableSampler
-from resilient.digest import state_digest, tree_digest
-from resilient.errors import (
-    EXIT_PREEMPTED,
-    CheckpointError,
-    CheckpointLoadError,
-    ConfigError,
-    Preempted,
-    ResilientError,
-    SignalSetupError,
-)
-from resilient.signals import SignalRecorder
-from resilient.state import Stateful, TrainerState
-from resilient.supervisor import Supervisor
+_EXPORTS = {
+    "StopReason": "resilient.agreement",
+    "SaveResult": "resilient.checkpoint.commit",
+    "CheckpointInfo": "resilient.checkpoint.discovery",
+    "complete_newest_first": "resilient.checkpoint.discovery",
+    "scan": "resilient.checkpoint.discovery",
+    "Manifest": "resilient.checkpoint.layout",
+    "read_manifest": "resilient.checkpoint.layout",
+    "Config": "resilient.config",
+    "ResumableSampler": "resilient.data",
+    "state_digest": "resilient.digest",
+    "tree_digest": "resilient.digest",
+    "EXIT_PREEMPTED": "resilient.errors",
+    "CheckpointError": "resilient.errors",
+    "CheckpointLoadError": "resilient.errors",
+    "ConfigError": "resilient.errors",
+    "Preempted": "resilient.errors",
+    "ResilientError": "resilient.errors",
+    "SignalSetupError": "resilient.errors",
+    "SignalRecorder": "resilient.signals",
+    "Stateful": "resilient.state",
+    "TrainerState": "resilient.state",
+    "Supervisor": "resilient.supervisor",
+}
 
-__all__ = [
-    "EXIT_PREEMPTED",
-    "CheckpointError",
-    "CheckpointInfo",
-    "CheckpointLoadError",
-    "Config",
-    "ConfigError",
-    "Manifest",
-    "Preempted",
-    "ResilientError",
-    "ResumableSampler",
-    "SaveResult",
-    "SignalRecorder",
-    "SignalSetupError",
-    "Stateful",
-    "StopReason",
-    "Supervisor",
-    "TrainerState",
-    "__version__",
-    "complete_newest_first",
-    "read_manifest",
-    "scan",
-    "state_digest",
-    "tree_digest",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilient' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

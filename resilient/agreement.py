@@ -17,7 +17,7 @@ log = get_logger(__name__)
 
 
 class StopReason(enum.IntEnum):
-    """Why the job should stop. Larger values win when ranks disagree."""
+    """Reason to stop the job. Larger values win when ranks disagree."""
 
     NONE = 0
     PREEMPTION = 1
@@ -32,7 +32,7 @@ class Agreement:
 
     With ``overlap`` (the default) the all-reduce started at one check is
     waited for at the next one, so it runs during the training step instead of
-    stalling it; a stop then takes effect one check later. Every rank calls
+    stalling it. A stop then takes effect one check later. Every rank calls
     :meth:`agree` and :meth:`drain` at the same steps, so every rank waits on
     the same collective and reads the same result.
     """

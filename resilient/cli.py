@@ -27,7 +27,7 @@ def _run_id_or_none(root: Path) -> str | None:
     try:
         return read_run_id(root)
     except ManifestError as err:
-        print(f"warning: {err}; foreign checkpoints cannot be told apart", file=sys.stderr)
+        print(f"warning: {err}; checkpoints of other runs are not marked foreign", file=sys.stderr)
         return None
 
 

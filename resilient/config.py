@@ -15,7 +15,7 @@ class Config:
     """Settings for checkpointing and preemption handling.
 
     Attributes:
-        ckpt_dir: Directory that holds this run's checkpoints.
+        ckpt_dir: Directory for this run's checkpoints.
         save_every: Save a periodic checkpoint every this many steps; None saves only on
             preemption and at the end.
         keep: Number of complete checkpoints to keep; older ones are removed after a newer one commits.
@@ -50,7 +50,12 @@ class Config:
                 or not self.collective_timeout > 0:
             raise ConfigError(f"collective_timeout must be a positive number of seconds, got {self.collective_timeout!r}")
         if self.signals is not None:
-            object.__setattr__(self, "signals", tuple(s.name for s in parse_signals(self.signals)))
+            names = (self.signals,) if isinstance(self.signals, str) else self.signals
+            try:
+                parsed = parse_signals(names)
+            except ConfigError as err:
+                raise ConfigError(f"signals={self.signals!r}: {err}") from None
+            object.__setattr__(self, "signals", tuple(sig.name for sig in parsed))
         else:
             signals_from_env()  # reject an invalid RESILIENT_SIGNALS now, not at install time
         if self.run_id is not None and (not self.run_id or "/" in self.run_id):

@@ -31,7 +31,7 @@ class Preempted(SystemExit):
     """Raised on every rank after a preemption checkpoint was committed.
 
     It derives from ``SystemExit`` with code 75, so an uncaught instance ends the
-    process with the status that tells launchers "checkpoint saved, restart me".
+    process with status 75, which launchers read as "checkpoint saved, restart me".
     """
 
     def __init__(self, step: int, checkpoint: str) -> None:

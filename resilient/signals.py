@@ -1,8 +1,8 @@
 """Signal handlers that only record which signal arrived and when.
 
 All real work (agreement, checkpoint, exit) happens later at a step boundary in
-the main loop; a handler that saved or exited by itself could run in the middle
-of a collective or of a write.
+the main loop, because a handler that saved or exited by itself could run in
+the middle of a collective or of a write.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class SignalRecorder:
 
         A replacement set from Python is kept in the chain, so it still runs
         after ours. A replacement set from native code cannot be called from
-        Python and is dropped, which the warning says.
+        Python and is dropped, and the warning states this.
         """
         if not self._installed:
             return []
@@ -218,10 +218,11 @@ class SignalRecorder:
             if python_replaced and callable(current):
                 self._chained[sig] = current
                 detail = f"the new Python handler {getattr(current, '__qualname__', current)!r} stays chained"
-            elif native_replaced:
-                detail = "a native handler had been installed; it will no longer run"
-            else:
+            elif python_replaced:
+                # Checked before native_replaced: SIG_IGN or SIG_DFL set from Python changes the C handler too.
                 detail = f"the replacement ({current!r}) is not callable and is not chained"
+            else:
+                detail = "a native handler had been installed; it will no longer run"
             signal.signal(sig, self._handle)
             self._c_address[sig] = c_handler_address(sig)
             log.warning("Handler for %s was replaced by another library; reinstalled resilient's handler (%s).",

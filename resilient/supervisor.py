@@ -15,6 +15,7 @@ On an agreed preemption every rank saves the same step, and then raises
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,7 +28,14 @@ from resilient._logging import CONTEXT, get_logger
 from resilient.agreement import Agreement, StopReason
 from resilient.checkpoint.commit import SaveResult, save_checkpoint
 from resilient.checkpoint.discovery import COMPLETE, scan
-from resilient.checkpoint.layout import ManifestError, new_run_id, read_run_id, write_run_id
+from resilient.checkpoint.layout import (
+    ManifestError,
+    aside_name,
+    new_run_id,
+    parse_dir_name,
+    read_run_id,
+    write_run_id,
+)
 from resilient.checkpoint.load import load_latest
 from resilient.checkpoint.retention import apply_retention
 from resilient.codec import flatten, unflatten
@@ -215,10 +223,31 @@ class Supervisor:
         self._registered.load_rank_state(rank_state, self.trainer)
         self._pending_rng = rank_state["rng"]
         self._last_saved_step = manifest.step
-        self.resumed_from = self.config.root / f"step_{manifest.step:09d}"
+        self.resumed_from = Path(resume_from) if resume_from else self.config.root / f"step_{manifest.step:09d}"
+        if resume_from is not None and comm.rank == 0:
+            self._set_aside_newer(manifest.step)
         log.info("Resumed from %s (step %d, %s, saved by %d ranks) in %.2f s.", self.resumed_from, manifest.step,
                  manifest.reason, manifest.world_size, time.monotonic() - started)
         return self.trainer
+
+    def _set_aside_newer(self, step: int) -> None:
+        """Rename this run's checkpoints newer than ``step`` so discovery and retention ignore them.
+
+        After an explicit roll-back to an older checkpoint, the abandoned newer
+        ones would otherwise be picked again at the next restart.
+        """
+        for info in scan(self.config.root, self._run_id):
+            if info.step <= step or parse_dir_name(info.path.name) != (info.step, "final"):
+                continue
+            if info.manifest is not None and info.manifest.run_id != self._run_id:
+                continue
+            aside = info.path.with_name(aside_name(info.step, "superseded"))
+            try:
+                os.rename(info.path, aside)
+            except OSError as err:
+                log.error("Could not set aside %s after resuming from step %d: %s", info.path, step, err)
+                continue
+            log.warning("Resumed from the older step %d, so %s was renamed to %s.", step, info.path, aside)
 
     # -- step loop --------------------------------------------------------------
 

@@ -20,7 +20,7 @@ FOREIGN = "foreign"
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What discovery found about one directory."""
+    """Classification of one checkpoint directory: status, and the problem found if any."""
 
     path: Path
     step: int

@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from resilient.checkpoint.fsutil import CHECKSUM_ALGORITHM, write_json_atomic
 
 MARKER_NAME = "manifest.json"
@@ -192,6 +190,8 @@ def read_manifest(checkpoint: Path) -> Manifest:
 
 
 def current_versions() -> dict[str, str]:
+    import torch  # imported here so that listing checkpoints does not load torch
+
     return {
         "resilient": resilient_version(),
         "torch": torch.__version__,
