@@ -154,8 +154,11 @@ class Supervisor:
         if comm.rank == 0:
             try:
                 outcome = (self._run_id_on_rank0(), None)
-            except (ConfigError, ManifestError, OSError) as err:
+            except (ConfigError, ManifestError) as err:
                 outcome = (None, str(err))
+            except OSError as err:
+                outcome = (None, f"ckpt_dir {str(self.config.root)!r} cannot be created or written ({err}); "
+                                 "pass a directory this job can write to")
         run_id, error = comm.broadcast_object(outcome)
         if error:
             raise ConfigError(error)
@@ -164,6 +167,10 @@ class Supervisor:
     def _run_id_on_rank0(self) -> str:
         root = self.config.root
         root.mkdir(parents=True, exist_ok=True)
+        # Fail now rather than at the first save, possibly hours into the run.
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
         stored = read_run_id(root)
         wanted = self.config.run_id
         if wanted is not None and stored is not None and stored != wanted:

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -383,3 +384,25 @@ def _rollback_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+
+
+def test_read_only_ckpt_dir_rejected_at_start(tmp_path: Path) -> None:
+    mount_point = tmp_path / "read-only"
+    mount_point.mkdir()
+    # A read-only tmpfs, because chmod does not stop root, which runs the tests in CI.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        model = torch.nn.Linear(2, 2)
+        with Supervisor(ckpt_dir=mount_point) as sup:
+            sup.register(model=model)
+            with pytest.raises(ConfigError) as raised:
+                sup.resume()
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+    assert "ckpt_dir" in str(raised.value)
+    assert str(mount_point) in str(raised.value)
+    assert "Read-only file system" in str(raised.value)
