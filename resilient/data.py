@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from resilient._logging import get_logger
 
 log = get_logger(__name__)
+
+
+def _to_hex(state: torch.Tensor | None) -> str | None:
+    return None if state is None else state.numpy().tobytes().hex()
+
+
+def _from_hex(text: str | None) -> torch.Tensor | None:
+    return None if text is None else torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8).clone()
 
 
 class ResumableSampler(DistributedSampler):
@@ -55,6 +64,30 @@ class BatchStream:
         self.batch_in_epoch = batch_in_epoch
         self._iterator: Iterator[Any] | None = None
         self._epochs_without_batches = 0
+        self._epoch_rng: torch.Tensor | None = None
+        self._loader_rng: torch.Tensor | None = None
+
+    def rng_state(self) -> dict[str, str | None]:
+        """Return the generator states taken just before this epoch's iterator was created.
+
+        Creating the iterator draws the shuffle seed of a ``RandomSampler`` and
+        the workers' base seed from torch's global generator (or the loader's
+        own ``generator``), so re-creating it mid-epoch on resume needs them.
+        """
+        return {"epoch_rng": _to_hex(self._epoch_rng), "loader_rng": _to_hex(self._loader_rng)}
+
+    def reopen_epoch(self, saved: dict[str, str | None]) -> None:
+        """Re-create the current epoch's iterator with the generator states it had, then skip consumed batches."""
+        epoch_rng, loader_rng = _from_hex(saved.get("epoch_rng")), _from_hex(saved.get("loader_rng"))
+        if epoch_rng is not None:
+            torch.set_rng_state(epoch_rng)
+        generator = getattr(self.loader, "generator", None)
+        if loader_rng is not None and generator is not None:
+            generator.set_state(loader_rng)
+        if epoch_rng is None:
+            log.warning("The checkpoint has no generator state from the start of epoch %d; a DataLoader that "
+                        "shuffles with torch's global generator may see another order.", self.epoch)
+        self.open_epoch()
 
     @property
     def sampler(self) -> Any:
@@ -74,6 +107,9 @@ class BatchStream:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         skip_batches = self.batch_in_epoch
+        self._epoch_rng = torch.get_rng_state()
+        generator = getattr(self.loader, "generator", None)
+        self._loader_rng = generator.get_state() if generator is not None else None
         if skip_batches and isinstance(sampler, ResumableSampler):
             batch_size = self.loader.batch_size
             if batch_size is None:

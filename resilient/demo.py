@@ -41,14 +41,15 @@ def _show(line: str) -> None:
         print(f"    | {text}", flush=True)
 
 
-def _run(command: list[str], *, preempt_at: int | None = None) -> tuple[int, str | None, int | None]:
+def _run(command: list[str], *, preempt_at: int | None = None) -> tuple[int, str | None, int | None, int]:
     """Run one torchrun job; optionally SIGTERM it once rank 0 reports step ``preempt_at``.
 
-    Returns torchrun's exit status, the final digest, and the step at which the signal was sent.
+    Returns torchrun's exit status, the final digest, the step at which the
+    signal was sent, and how many ranks logged their exit with status 75.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    digest, signalled_at = None, None
+    digest, signalled_at, preempted_ranks = None, None, 0
     assert process.stdout is not None
     for line in process.stdout:
         _show(line)
@@ -58,10 +59,12 @@ def _run(command: list[str], *, preempt_at: int | None = None) -> tuple[int, str
             print(f"\n>>> Sending SIGTERM to torchrun (pid {process.pid}) after rank 0 reported step {signalled_at}, "
                   "as a scheduler does before preemption.\n", flush=True)
             process.send_signal(signal.SIGTERM)
+        if "Exiting with status 75" in line:
+            preempted_ranks += 1
         found = _DIGEST_LINE.match(line.strip())
         if found:
             digest = found.group(1)
-    return process.wait(), digest, signalled_at
+    return process.wait(), digest, signalled_at, preempted_ranks
 
 
 def _list_checkpoints(root: Path) -> None:
@@ -87,23 +90,27 @@ def run_demo(workdir: Path | None = None, max_steps: int = 60, keep: bool = Fals
     try:
         print(f"[1/4] Training {max_steps} steps on 2 ranks (torchrun, gloo, CPU), checkpoint every "
               f"{_SAVE_EVERY} steps, into {preempted_dir}", flush=True)
-        status, digest, signalled_at = _run(_command(script, preempted_dir, max_steps), preempt_at=preempt_at)
+        command = _command(script, preempted_dir, max_steps)
+        status, digest, signalled_at, preempted_ranks = _run(command, preempt_at=preempt_at)
         if signalled_at is None or digest is not None:
             print("The job finished before it could be preempted; the demo proves nothing. Raise --max-steps.")
             return 1
         print(f"\n    torchrun exited with status {status}: torchrun reports the SIGTERM it received as a failure. "
-              "Each worker exited with status 75 (checkpoint committed, restart me).")
+              f"{preempted_ranks} of 2 workers logged their exit with status 75 (checkpoint committed, restart me).")
+        if preempted_ranks != 2:
+            print("Not every worker committed the preemption checkpoint; the demo failed.")
+            return 1
         print("    Checkpoints on disk now:")
         _list_checkpoints(preempted_dir)
 
         print("\n[2/4] Restarting the same command; it resumes from the newest complete checkpoint", flush=True)
-        status, resumed_digest, _ = _run(_command(script, preempted_dir, max_steps))
+        status, resumed_digest, _, _ = _run(_command(script, preempted_dir, max_steps))
         if status != 0 or resumed_digest is None:
             print(f"The resumed run failed with status {status}.")
             return 1
 
         print(f"\n[3/4] Training the same {max_steps} steps without interruption, into {reference_dir}", flush=True)
-        status, reference_digest, _ = _run(_command(script, reference_dir, max_steps))
+        status, reference_digest, _, _ = _run(_command(script, reference_dir, max_steps))
         if status != 0 or reference_digest is None:
             print(f"The uninterrupted run failed with status {status}.")
             return 1

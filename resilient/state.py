@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from resilient.errors import CheckpointLoadError
+
 
 @runtime_checkable
 class Stateful(Protocol):
@@ -65,7 +67,10 @@ def capture_rng() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    # Keyed on availability, not initialisation, so the save and the resume
+    # template agree even when CUDA is initialised later on one of them.
+    # NOTE: this CUDA path has not run on a GPU machine yet.
+    if torch.cuda.is_available():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
@@ -118,9 +123,10 @@ class Registered:
         set_state_dict(self.model, list(self.optimizers), model_state_dict=tree["model"],
                        optim_state_dict=tree.get("optim", {}))
 
-    def rank_state(self, trainer: TrainerState) -> dict[str, Any]:
+    def rank_state(self, trainer: TrainerState, data: Mapping[str, Any]) -> dict[str, Any]:
         state: dict[str, Any] = {
             "trainer": trainer.state_dict(),
+            "data": dict(data),
             "rng": capture_rng(),
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()},
@@ -132,6 +138,11 @@ class Registered:
     def load_rank_state(self, state: Mapping[str, Any], trainer: TrainerState) -> None:
         """Restore everything of one rank except the RNG, which the caller restores at the right moment."""
         trainer.load_state_dict(state["trainer"])
+        if len(state["schedulers"]) != len(self.schedulers):
+            raise CheckpointLoadError(
+                f"the checkpoint has state for {len(state['schedulers'])} LR schedulers but "
+                f"{len(self.schedulers)} are registered; register the same schedulers as the run that saved it"
+            )
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
         for name, obj in self.stateful.items():

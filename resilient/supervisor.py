@@ -29,11 +29,14 @@ from resilient.agreement import Agreement, StopReason
 from resilient.checkpoint.commit import SaveResult, save_checkpoint
 from resilient.checkpoint.discovery import COMPLETE, scan
 from resilient.checkpoint.layout import (
+    REASONS,
     ManifestError,
     aside_name,
     new_run_id,
     parse_dir_name,
     read_run_id,
+    record_resume_from,
+    resume_from_applied,
     write_run_id,
 )
 from resilient.checkpoint.load import load_latest
@@ -90,6 +93,10 @@ class Supervisor:
         self._pending_rng: dict[str, Any] | None = None
         self._resumed = False
         self._last_saved_step: int | None = None
+        self._in_step: int | None = None
+        self._save_requested: str | None = None
+        self._stream: BatchStream | None = None
+        self._saved_data: dict[str, Any] = {}
 
         self.recorder = SignalRecorder(self.config.signals)
         self.recorder.install()
@@ -149,20 +156,39 @@ class Supervisor:
             self._agreement = Agreement(self._comm, self.recorder, self.config.check_every)
         return self._comm
 
-    def _resolve_run_id(self, comm: Comm) -> str:
-        outcome: tuple[str | None, str | None] = (None, None)
+    def _prepare_root(self, comm: Comm) -> tuple[str, Path | None]:
+        """Return the run id and the explicit checkpoint to resume from, as decided by rank 0."""
+        outcome: tuple[str | None, str | None, str | None] = (None, None, None)
         if comm.rank == 0:
             try:
-                outcome = (self._run_id_on_rank0(), None)
+                run_id = self._run_id_on_rank0()
+                resume_from = self._pending_resume_from()
+                outcome = (run_id, str(resume_from) if resume_from else None, None)
             except (ConfigError, ManifestError) as err:
-                outcome = (None, str(err))
+                outcome = (None, None, str(err))
             except OSError as err:
-                outcome = (None, f"ckpt_dir {str(self.config.root)!r} cannot be created or written ({err}); "
-                                 "pass a directory this job can write to")
-        run_id, error = comm.broadcast_object(outcome)
+                outcome = (None, None, f"ckpt_dir {str(self.config.root)!r} cannot be created or written ({err}); "
+                                       "pass a directory this job can write to")
+        run_id, resume_from, error = comm.broadcast_object(outcome)
         if error:
             raise ConfigError(error)
-        return run_id
+        return run_id, Path(resume_from) if resume_from else None
+
+    def _pending_resume_from(self) -> Path | None:
+        """Return ``config.resume_from`` unless an earlier start of this run already applied it.
+
+        A job script that keeps the setting across requeues would otherwise roll
+        back to the same checkpoint at every restart and lose its progress.
+        """
+        if self.config.resume_from is None:
+            return None
+        checkpoint = Path(self.config.resume_from).expanduser()
+        applied_at = resume_from_applied(self.config.root, checkpoint)
+        if applied_at is None:
+            return checkpoint
+        log.info("resume_from=%s was already applied at %s; resuming from the newest checkpoint instead.",
+                 checkpoint, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(applied_at)))
+        return None
 
     def _run_id_on_rank0(self) -> str:
         root = self.config.root
@@ -193,7 +219,8 @@ class Supervisor:
 
     def _state_tree(self) -> dict[str, Any]:
         tree = self._registered.model_and_optim()
-        tree["ranks"] = {str(self.rank): self._registered.rank_state(self.trainer)}
+        data = self._stream.rng_state() if self._stream is not None else {"epoch_rng": None, "loader_rng": None}
+        tree["ranks"] = {str(self.rank): self._registered.rank_state(self.trainer, data)}
         return tree
 
     def resume(self) -> TrainerState:
@@ -205,9 +232,8 @@ class Supervisor:
         if self._resumed:
             return self.trainer
         comm = self._connect()
-        self._run_id = self._resolve_run_id(comm)
+        self._run_id, resume_from = self._prepare_root(comm)
         started = time.monotonic()
-        resume_from = Path(self.config.resume_from) if self.config.resume_from else None
 
         like: dict[str, Any] = {}
 
@@ -229,10 +255,12 @@ class Supervisor:
         rank_state = tree["ranks"][str(self.rank)]
         self._registered.load_rank_state(rank_state, self.trainer)
         self._pending_rng = rank_state["rng"]
+        self._saved_data = dict(rank_state["data"])
         self._last_saved_step = manifest.step
         self.resumed_from = Path(resume_from) if resume_from else self.config.root / f"step_{manifest.step:09d}"
         if resume_from is not None and comm.rank == 0:
             self._set_aside_newer(manifest.step)
+            record_resume_from(self.config.root, resume_from)
         log.info("Resumed from %s (step %d, %s, saved by %d ranks) in %.2f s.", self.resumed_from, manifest.step,
                  manifest.reason, manifest.world_size, time.monotonic() - started)
         return self.trainer
@@ -278,7 +306,9 @@ class Supervisor:
         while self.trainer.step < max_steps:
             step = self.trainer.step + 1
             CONTEXT.step = step
+            self._in_step = step
             yield step
+            self._in_step = None
             self.trainer.step = step
             if self._after_step(step, max_steps):
                 break
@@ -294,10 +324,12 @@ class Supervisor:
         """
         self.resume()
         stream = BatchStream(loader, self.trainer.epoch, self.trainer.batch_in_epoch)
+        self._stream = stream
         if self.trainer.batch_in_epoch > 0:
             # The interrupted run created this epoch's iterator before the saved
-            # RNG state was taken, so do the same before the RNG is restored.
-            stream.open_epoch()
+            # step RNG state was taken, so re-create it first, with the generator
+            # states it was created with; steps() then restores the step's RNG.
+            stream.reopen_epoch(self._saved_data)
         for step in self.steps(max_steps):
             batch = stream.next_batch()
             self.trainer.epoch = stream.epoch
@@ -314,11 +346,13 @@ class Supervisor:
     def _after_step(self, step: int, max_steps: int) -> bool:
         """Run the step-boundary decisions; return True when the loop must end."""
         if step >= max_steps:
+            self._save_requested = None
             if self._last_saved_step != step:
                 self.save("final")
             return True
 
         assert self._agreement is not None
+        requested, self._save_requested = self._save_requested, None
         if self._agreement.due(step) and self._agreement.agree(step) == StopReason.PREEMPTION:
             if self._last_saved_step != step:
                 self.save("preemption")
@@ -329,11 +363,23 @@ class Supervisor:
                 raise Preempted(step, path)
             return True
 
-        if self.config.save_every and step % self.config.save_every == 0:
+        if requested is not None:
+            self.save(requested)
+        elif self.config.save_every and step % self.config.save_every == 0:
             self.save("periodic")
         return False
 
     # -- saving -------------------------------------------------------------------
+
+    def request_save(self, reason: str = "manual") -> None:
+        """Save a checkpoint when the current step completes.
+
+        Call it inside the loop body, on every rank at the same step, because
+        the save is collective. Preemption and final saves take precedence.
+        """
+        if reason not in REASONS:
+            raise ValueError(f"invalid save reason {reason!r}; use one of {', '.join(REASONS)}")
+        self._save_requested = reason
 
     def save(self, reason: str = "manual") -> SaveResult:
         """Save and commit a checkpoint of the current step. Collective.
@@ -341,6 +387,13 @@ class Supervisor:
         Returns once the completion marker is durable on disk. Raises
         ``CheckpointError`` on every rank when any rank fails.
         """
+        if reason not in REASONS:
+            raise ValueError(f"invalid save reason {reason!r}; use one of {', '.join(REASONS)}")
+        if self._in_step is not None:
+            raise RuntimeError(
+                f"save() was called inside the loop body of step {self._in_step}, which has not finished. "
+                "Call request_save() there to save once the step completes, or call save() outside the loop."
+            )
         comm = self._connect()
         if not self._resumed:
             raise RuntimeError("call resume() (or start train()/steps()) before save()")
@@ -355,7 +408,7 @@ class Supervisor:
         self.last_save = result
         if comm.rank == 0:
             try:
-                apply_retention(self.config.root, self._run_id, self.config.keep)
+                apply_retention(self.config.root, self._run_id, self.config.keep, committed_step=step)
             except (OSError, CheckpointError) as err:
                 log.error("Retention after step %d failed: %s", step, err)
         return result

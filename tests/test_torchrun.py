@@ -133,9 +133,9 @@ def test_corrupt_latest_falls_back(tmp_path: Path, reference_digest) -> None:
     shard.write_bytes(bytes(data))
 
     resumed = run_to_end(lm_command(ckpt))
-    assert "is corrupt, falling back to an older one" in resumed.output
+    assert "is corrupt (trying the next older one)" in resumed.output
     assert str(shard) in resumed.output
     assert f"Resumed from {ckpt / 'step_000000020'}" in resumed.output
     assert resumed.digest() == expected
     assert complete_steps(ckpt)[30] == "final"
-    assert len(list(ckpt.glob("step_000000030.superseded-*"))) == 1
+    assert len(list(ckpt.glob("step_000000030.corrupt-*"))) == 1

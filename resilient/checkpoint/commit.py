@@ -63,6 +63,17 @@ class SaveResult:
     seconds: float
 
 
+def _debug_commit_delay() -> float:
+    raw = os.environ.get(DEBUG_COMMIT_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        log.warning("Ignoring %s=%r: expected a number of seconds.", DEBUG_COMMIT_DELAY_ENV, raw)
+        return 0.0
+
+
 def _local_error(phase: str, err: BaseException) -> str:
     return f"{phase} failed: {type(err).__name__}: {err}"
 
@@ -158,7 +169,7 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"checkpoint save of step {step} failed while writing, no marker written: {err}") from err
 
-    delay = float(os.environ.get(DEBUG_COMMIT_DELAY_ENV, "0") or 0)
+    delay = _debug_commit_delay()
     if delay > 0:
         time.sleep(delay)
 

@@ -62,7 +62,8 @@ def inspect(path: Path, run_id: str | None = None) -> CheckpointInfo | None:
     if kind != "final":
         what = {"tmp": "staging directory of an unfinished save",
                 "deleting": "directory left by an interrupted deletion",
-                "superseded": "older directory replaced by a newer save of the same step"}[kind]
+                "superseded": "set aside by a roll-back to an older checkpoint or by a second save of this step",
+                "corrupt": "set aside after failing checksum verification on resume"}[kind]
         return CheckpointInfo(path, step, PARTIAL, what)
 
     if not (path / MARKER_NAME).exists():

@@ -30,9 +30,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def checksum_file(path: Path) -> str:
-    """Return the hex digest of the file's bytes with :data:`CHECKSUM_ALGORITHM`."""
-    digest = hashlib.new(CHECKSUM_ALGORITHM)
+def checksum_file(path: Path, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """Return the hex digest of the file's bytes (SHA-256 unless ``algorithm`` names another hashlib one)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)

@@ -9,6 +9,8 @@
         .metadata                   DCP metadata
         __0_0.distcp __1_0.distcp   DCP data, one or more files per rank
       step_000000030.tmp-<nonce>/   staging directory of a save in progress or abandoned
+      step_000000040.corrupt-<nonce>/     set aside after it failed verification on resume
+      step_000000050.superseded-<nonce>/  set aside by a roll-back or a second save of that step
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 REASONS = ("periodic", "preemption", "final", "manual")
 
 _FINAL_RE = re.compile(r"^step_(\d+)$")
-_OTHER_RE = re.compile(r"^step_(\d+)\.(tmp|deleting|superseded)-([A-Za-z0-9]+)$")
+_OTHER_RE = re.compile(r"^step_(\d+)\.(tmp|deleting|superseded|corrupt)-([A-Za-z0-9]+)$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -51,7 +53,7 @@ def aside_name(step: int, kind: str) -> str:
 def parse_dir_name(name: str) -> tuple[int, str] | None:
     """Return ``(step, kind)`` for a name this layout uses, else None.
 
-    ``kind`` is ``final`` for a committed name, or ``tmp``, ``deleting`` or ``superseded``.
+    ``kind`` is ``final`` for a committed name, or ``tmp``, ``deleting``, ``superseded`` or ``corrupt``.
     """
     # fullmatch, because "$" in match() also accepts a trailing newline.
     match = _FINAL_RE.fullmatch(name)
@@ -219,6 +221,24 @@ def read_run_id(root: Path) -> str | None:
 
 def write_run_id(root: Path, run_id: str) -> None:
     write_json_atomic(root / RUN_FILE, {"run_id": run_id, "created_at": time.time()})
+
+
+def resume_from_applied(root: Path, checkpoint: Path) -> float | None:
+    """Return when an explicit ``resume_from`` of ``checkpoint`` was applied to this run, or None."""
+    try:
+        payload = json.loads((root / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    applied = payload.get("resume_from_applied") if isinstance(payload, dict) else None
+    value = applied.get(str(checkpoint.resolve())) if isinstance(applied, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def record_resume_from(root: Path, checkpoint: Path) -> None:
+    """Note in ``run.json`` that the run was resumed from ``checkpoint`` on request."""
+    payload = json.loads((root / RUN_FILE).read_text())
+    payload.setdefault("resume_from_applied", {})[str(checkpoint.resolve())] = time.time()
+    write_json_atomic(root / RUN_FILE, payload)
 
 
 def new_run_id() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -13,7 +15,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from resilient._logging import get_logger
 from resilient.checkpoint.discovery import complete_newest_first
 from resilient.checkpoint.fsutil import checksum_file
-from resilient.checkpoint.layout import Manifest, ManifestError, read_manifest
+from resilient.checkpoint.layout import Manifest, ManifestError, aside_name, parse_dir_name, read_manifest
 from resilient.codec import Leaf
 from resilient.comm import Comm
 from resilient.errors import CheckpointLoadError
@@ -27,6 +29,8 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
     File ``i`` is checked by rank ``i % world_size``, so together the ranks read
     each file once.
     """
+    if manifest.checksum_algorithm not in hashlib.algorithms_available:
+        return [f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r} in the manifest"]
     problems = []
     for index, entry in enumerate(manifest.files):
         if index % world_size != rank:
@@ -37,7 +41,7 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
             if size != entry.size:
                 problems.append(f"{file}: size is {size} bytes, the manifest says {entry.size}")
                 continue
-            actual = checksum_file(file)
+            actual = checksum_file(file, manifest.checksum_algorithm)
         except OSError as err:
             problems.append(f"{file}: cannot be read ({err})")
             continue
@@ -78,6 +82,21 @@ def _candidates(comm: Comm, root: Path, run_id: str, resume_from: Path | None) -
     return comm.broadcast_object(paths)
 
 
+def _set_aside_corrupt(paths: list[Path]) -> None:
+    """Rename checkpoints that failed verification, so retention and later restarts skip them."""
+    for path in paths:
+        parsed = parse_dir_name(path.name)
+        if parsed is None or parsed[1] != "final":
+            continue
+        aside = path.with_name(aside_name(parsed[0], "corrupt"))
+        try:
+            os.rename(path, aside)
+        except OSError as err:
+            log.error("Could not rename corrupt checkpoint %s: %s", path, err)
+            continue
+        log.warning("Renamed corrupt checkpoint %s to %s; its files are kept for inspection.", path, aside)
+
+
 def load_latest(
     comm: Comm,
     root: Path,
@@ -91,10 +110,16 @@ def load_latest(
     Rank 0 lists the candidates and broadcasts them, so every rank tries the
     same checkpoints in the same order even when a shared filesystem shows
     ranks different views. A candidate whose files fail their checksums is
-    skipped with an error naming the files, and the next older one is tried.
-    Returns None when there is no usable checkpoint.
+    skipped with an error naming the files, and the next older one is tried;
+    once one loads, rank 0 renames the skipped ones to ``.corrupt-`` names.
+
+    Returns None when there is no checkpoint at all. Raises
+    CheckpointLoadError when checkpoints exist but none verifies, or when
+    ``resume_from`` does not verify, rather than silently starting from step 0.
     """
-    for text in _candidates(comm, root, run_id, resume_from):
+    candidates = _candidates(comm, root, run_id, resume_from)
+    corrupt: list[Path] = []
+    for position, text in enumerate(candidates):
         path = Path(text)
         problems: list[str] = []
         manifest: Manifest | None = None
@@ -105,8 +130,10 @@ def load_latest(
             problems = [f"{path}: {err}"]
         all_problems = [p for rank_problems in comm.all_gather_object(problems) for p in rank_problems]
         if all_problems or manifest is None:
+            corrupt.append(path)
             if comm.rank == 0:
-                log.error("Checkpoint %s is corrupt, falling back to an older one: %s", path, "; ".join(all_problems))
+                what = "trying the next older one" if position + 1 < len(candidates) else "no older one is left"
+                log.error("Checkpoint %s is corrupt (%s): %s", path, what, "; ".join(all_problems))
             continue
 
         if manifest.world_size != comm.world_size:
@@ -121,6 +148,14 @@ def load_latest(
                 dcp.load(sized, storage_reader=dcp.FileSystemReader(path), process_group=comm.group)
         except CheckpointException as err:  # derives from BaseException, so wrap it in an ordinary error
             raise CheckpointLoadError(f"loading checkpoint {path} failed: {err}") from err
+        if comm.rank == 0 and resume_from is None:
+            _set_aside_corrupt(corrupt)
         return manifest, sized
-    return None
 
+    if candidates:
+        names = ", ".join(str(path) for path in corrupt)
+        raise CheckpointLoadError(
+            f"no checkpoint could be verified ({names}); the errors above name each bad file. Repair or move "
+            "them away to start over, or pass resume_from with a checkpoint that verifies."
+        )
+    return None
