@@ -94,6 +94,7 @@ class Supervisor:
         self._resumed = False
         self._last_saved_step: int | None = None
         self._in_step: int | None = None
+        self._abandoned_step: int | None = None
         self._save_requested: str | None = None
         self._stream: BatchStream | None = None
         self._saved_data: dict[str, Any] = {}
@@ -307,7 +308,12 @@ class Supervisor:
             step = self.trainer.step + 1
             CONTEXT.step = step
             self._in_step = step
-            yield step
+            try:
+                yield step
+            except GeneratorExit:
+                # A break left the body of this step at an unknown point.
+                self._abandoned_step = step
+                raise
             self._in_step = None
             self.trainer.step = step
             if self._after_step(step, max_steps):
@@ -389,6 +395,12 @@ class Supervisor:
         """
         if reason not in REASONS:
             raise ValueError(f"invalid save reason {reason!r}; use one of {', '.join(REASONS)}")
+        if self._abandoned_step is not None:
+            raise RuntimeError(
+                f"save() after leaving the step loop with break during step {self._abandoned_step}: whether that "
+                "step's update finished is unknown, so its checkpoint could repeat or skip it on resume. Let the "
+                "loop end at max_steps, or call request_save() in the body of an earlier step."
+            )
         if self._in_step is not None:
             raise RuntimeError(
                 f"save() was called inside the loop body of step {self._in_step}, which has not finished. "

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from resilient import CheckpointLoadError, Preempted, Supervisor, state_digest
+from resilient import CheckpointError, CheckpointLoadError, Preempted, Supervisor, state_digest
 from resilient.checkpoint.discovery import COMPLETE, scan
 from resilient.checkpoint.layout import read_run_id
 from resilient.signals import SIGNALS_ENV
@@ -177,3 +177,33 @@ def test_shuffled_loader_resumes_mid_epoch(tmp_path: Path) -> None:
     assert resumed == expected
     model, _ = tiny()
     assert resumed != state_digest(model), "the digest must depend on training"
+
+
+def test_save_after_break_raises(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    model, optimizer = tiny()
+    with Supervisor(ckpt_dir=ckpt) as sup:
+        sup.register(model=model, optimizer=optimizer)
+        for step in sup.steps(10):
+            train_step(model, optimizer)
+            if step == 3:
+                break
+        with pytest.raises(RuntimeError, match="break during step 3"):
+            sup.save()
+
+    assert complete(ckpt) == []
+
+
+def test_save_never_moves_other_runs_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    run_steps(tmp_path / "other", 5)
+    run_steps(ckpt, 3)
+    foreign = ckpt / "step_000000005"
+    (tmp_path / "other" / "step_000000005").rename(foreign)
+
+    with pytest.raises(CheckpointError, match="already contains a checkpoint of run"):
+        run_steps(ckpt, 5)
+
+    assert (foreign / "manifest.json").exists()
+    assert not list(ckpt.glob("step_000000005.superseded-*"))
+    assert not list(ckpt.glob("step_000000005.tmp-*"))

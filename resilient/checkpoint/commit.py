@@ -37,9 +37,11 @@ from resilient.checkpoint.layout import (
     MARKER_NAME,
     FileEntry,
     Manifest,
+    ManifestError,
     aside_name,
     checkpoint_name,
     current_versions,
+    read_manifest,
     staging_name,
 )
 from resilient.comm import Comm
@@ -109,7 +111,16 @@ def _publish(staging: Path, final: Path, manifest: Manifest) -> None:
     if final.exists():
         # The same step was saved before (for example after resuming from an
         # older checkpoint). Keep the old directory under another name rather
-        # than deleting anything here.
+        # than deleting anything here, but never move another run's checkpoint.
+        try:
+            existing_run = read_manifest(final).run_id
+        except (OSError, ManifestError):
+            existing_run = None
+        if existing_run is not None and existing_run != manifest.run_id:
+            raise CheckpointError(
+                f"{final} already contains a checkpoint of run {existing_run}; this run ({manifest.run_id}) will not "
+                "move it. Use a separate ckpt_dir for each run."
+            )
         aside = final.with_name(aside_name(manifest.step, "superseded"))
         os.rename(final, aside)
         log.warning("Moved the existing %s to %s before committing step %d again.", final, aside, manifest.step)
