@@ -111,8 +111,12 @@ class Supervisor:
         self.close()
 
     def close(self) -> None:
-        """Restore the signal handlers that were installed before this Supervisor."""
+        """Restore the previous signal handlers and release resilient's process group."""
         self.recorder.restore()
+        if self._comm is not None:
+            # A gloo group left alive at interpreter exit can abort the process
+            # ("terminate called without an active exception") instead of exiting 75.
+            self._comm.destroy()
 
     @property
     def rank(self) -> int:
@@ -329,6 +333,8 @@ class Supervisor:
         other sampler those batches are loaded and dropped.
         """
         self.resume()
+        # NOTE: DataLoader worker processes get a group-wide SIGTERM too and die of it,
+        # so with num_workers > 0 the preemption save can fail mid-step.
         stream = BatchStream(loader, self.trainer.epoch, self.trainer.batch_in_epoch)
         self._stream = stream
         if self.trainer.batch_in_epoch > 0:

@@ -207,3 +207,4 @@ def test_save_never_moves_other_runs_checkpoint(tmp_path: Path) -> None:
     assert (foreign / "manifest.json").exists()
     assert not list(ckpt.glob("step_000000005.superseded-*"))
     assert not list(ckpt.glob("step_000000005.tmp-*"))
+
