@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Iterator
 
 import torch
@@ -51,6 +52,26 @@ class ResumableSampler(DistributedSampler):
         return max(self.num_samples - self._skip, 0)
 
 
+class _IgnoreSignalsInWorker:
+    """A DataLoader ``worker_init_fn`` that ignores the stop signals, then runs the user's one.
+
+    torchrun and SLURM signal every process of the job, and torch's worker
+    handler exits on a SIGTERM that does not come from its parent. The training
+    process would then fail mid-step instead of writing its preemption
+    checkpoint. Workers still end when the main process shuts them down or dies.
+    """
+
+    def __init__(self, signals: tuple[int, ...], user_init: Any) -> None:
+        self.signals = signals
+        self.user_init = user_init
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.user_init is not None:
+            self.user_init(worker_id)
+
+
 class BatchStream:
     """Endless batches from a DataLoader, across epochs, tracking the position.
 
@@ -58,8 +79,11 @@ class BatchStream:
     the loader prefetches it, so the saved position is the true one.
     """
 
-    def __init__(self, loader: DataLoader, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+    def __init__(self, loader: DataLoader, epoch: int = 0, batch_in_epoch: int = 0,
+                 stop_signals: tuple[int, ...] = ()) -> None:
         self.loader = loader
+        if stop_signals and loader.num_workers > 0 and not isinstance(loader.worker_init_fn, _IgnoreSignalsInWorker):
+            loader.worker_init_fn = _IgnoreSignalsInWorker(tuple(stop_signals), loader.worker_init_fn)
         self.epoch = epoch
         self.batch_in_epoch = batch_in_epoch
         self._iterator: Iterator[Any] | None = None
@@ -79,6 +103,11 @@ class BatchStream:
     def reopen_epoch(self, saved: dict[str, str | None]) -> None:
         """Re-create the current epoch's iterator with the generator states it had, then skip consumed batches."""
         epoch_rng, loader_rng = _from_hex(saved.get("epoch_rng")), _from_hex(saved.get("loader_rng"))
+        if self.epoch > 0 and getattr(self.loader, "persistent_workers", False) and self.loader._iterator is None:
+            # With persistent workers only the first epoch creates the iterator and
+            # later epochs reset it, which draws fewer numbers. Create it now, so
+            # that open_epoch() below resets it as the interrupted run did.
+            iter(self.loader)
         if epoch_rng is not None:
             torch.set_rng_state(epoch_rng)
         generator = getattr(self.loader, "generator", None)
@@ -126,6 +155,21 @@ class BatchStream:
                     next(self._iterator)
                 except StopIteration:
                     break
+
+    def close(self) -> None:
+        """Shut down the loader's worker processes now.
+
+        Workers ignore the stop signals, so they must not be left to
+        multiprocessing's exit handler, which ends them with SIGTERM and then
+        waits for them forever.
+        """
+        iterator, self._iterator = self._iterator, None
+        # NOTE: _shutdown_workers is private DataLoader API (torch 2.13); persistent
+        # workers keep their iterator on the loader, so that one is shut down too.
+        for candidate in (iterator, getattr(self.loader, "_iterator", None)):
+            shutdown = getattr(candidate, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def next_batch(self) -> Any:
         while True:

@@ -333,22 +333,24 @@ class Supervisor:
         other sampler those batches are loaded and dropped.
         """
         self.resume()
-        # NOTE: DataLoader worker processes get a group-wide SIGTERM too and die of it,
-        # so with num_workers > 0 the preemption save can fail mid-step.
-        stream = BatchStream(loader, self.trainer.epoch, self.trainer.batch_in_epoch)
+        stream = BatchStream(loader, self.trainer.epoch, self.trainer.batch_in_epoch,
+                             stop_signals=tuple(int(sig) for sig in self.recorder.signals))
         self._stream = stream
         if self.trainer.batch_in_epoch > 0:
             # The interrupted run created this epoch's iterator before the saved
             # step RNG state was taken, so re-create it first, with the generator
             # states it was created with; steps() then restores the step's RNG.
             stream.reopen_epoch(self._saved_data)
-        for step in self.steps(max_steps):
-            batch = stream.next_batch()
-            self.trainer.epoch = stream.epoch
-            self.trainer.batch_in_epoch = stream.batch_in_epoch
-            length = _batch_length(batch)
-            self.trainer.samples_seen += length if length is not None else (loader.batch_size or 0)
-            yield step, batch
+        try:
+            for step in self.steps(max_steps):
+                batch = stream.next_batch()
+                self.trainer.epoch = stream.epoch
+                self.trainer.batch_in_epoch = stream.batch_in_epoch
+                length = _batch_length(batch)
+                self.trainer.samples_seen += length if length is not None else (loader.batch_size or 0)
+                yield step, batch
+        finally:
+            stream.close()
 
     def _restore_pending_rng(self) -> None:
         if self._pending_rng is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from jobs import Job, run_to_end
 from resilient import CheckpointError, CheckpointLoadError, Preempted, Supervisor, state_digest
 from resilient.checkpoint.discovery import COMPLETE, scan
 from resilient.checkpoint.layout import read_run_id
@@ -208,3 +210,24 @@ def test_save_never_moves_other_runs_checkpoint(tmp_path: Path) -> None:
     assert not list(ckpt.glob("step_000000005.superseded-*"))
     assert not list(ckpt.glob("step_000000005.tmp-*"))
 
+
+
+LOADER_WORKERS = Path(__file__).parent / "scripts" / "loader_workers.py"
+
+
+@pytest.mark.parametrize("persistent", ["0", "1"])
+def test_loader_workers_survive_job_sigterm(tmp_path: Path, persistent: str) -> None:
+    expected = run_to_end([sys.executable, str(LOADER_WORKERS), str(tmp_path / "reference"), "30", persistent])
+    ckpt = tmp_path / "ckpt"
+
+    # Signal every process of the job, DataLoader workers included, from outside as SLURM does.
+    job = Job.start([sys.executable, str(LOADER_WORKERS), str(ckpt), "30", persistent])
+    job.wait_for_step(20, timeout=120)
+    os.killpg(job.process.pid, signal.SIGTERM)
+    status = job.wait(timeout=60)
+
+    assert status == 75, job.output[-3000:]
+    reasons = [info.reason for info in scan(ckpt, read_run_id(ckpt))]
+    assert reasons == ["preemption"]
+    resumed = run_to_end([sys.executable, str(LOADER_WORKERS), str(ckpt), "30", persistent])
+    assert resumed.digest() == expected.digest()
