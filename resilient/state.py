@@ -3,10 +3,11 @@
 The state tree saved through DCP has two parts:
 
 * ``model`` and ``optim``: from ``torch.distributed.checkpoint.state_dict``,
-  keyed by fully qualified parameter names. Under DDP every rank holds the same
+  keyed by fully qualified parameter names. Under DDP every rank has the same
   values under the same keys, and DCP stores one copy.
 * ``ranks.<rank>``: what differs per rank (RNG, data position, counters,
-  schedulers, grad scaler, user ``Stateful`` objects). The rank in the key keeps
+  schedulers, grad scaler, user ``Stateful`` objects, and the model's buffers,
+  such as BatchNorm statistics, which DDP lets drift apart per rank). The rank in the key keeps
   DCP from merging different values that share a key.
 """
 
@@ -122,6 +123,40 @@ class Registered:
             return
         set_state_dict(self.model, list(self.optimizers), model_state_dict=tree["model"],
                        optim_state_dict=tree.get("optim", {}))
+
+    def split_buffers(self, model_state: dict[str, Any]) -> dict[str, Any]:
+        """Remove the model's buffers from ``model_state`` and return them.
+
+        Buffers such as BatchNorm running statistics differ per rank under DDP,
+        so they are saved per rank; kept under the shared keys, DCP would store
+        one rank's values for all. Buffers are found by storage, not by name,
+        because ``get_state_dict`` renames keys of wrapped modules.
+        """
+        if self.model is None:
+            return {}
+        storages = {buffer.untyped_storage().data_ptr() for buffer in self.model.buffers()
+                    if buffer.untyped_storage().data_ptr() != 0}
+        keys = [key for key, value in model_state.items()
+                if isinstance(value, torch.Tensor) and not hasattr(value, "device_mesh")
+                and value.untyped_storage().data_ptr() in storages]
+        return {key: model_state.pop(key) for key in keys}
+
+    def state_tree(self, rank: int, trainer: TrainerState, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Return everything this rank saves: shared model and optimizer state, and ``ranks.<rank>``."""
+        tree = self.model_and_optim()
+        rank_state = self.rank_state(trainer, data)
+        rank_state["buffers"] = self.split_buffers(tree["model"]) if "model" in tree else {}
+        tree["ranks"] = {str(rank): rank_state}
+        return tree
+
+    def load_state_tree(self, tree: dict[str, Any], rank: int, trainer: TrainerState) -> dict[str, Any]:
+        """Restore a tree built like :meth:`state_tree`, except the RNG; return this rank's part."""
+        rank_state = tree["ranks"][str(rank)]
+        if "model" in tree:
+            tree["model"].update(rank_state["buffers"])
+        self.load_model_and_optim(tree)
+        self.load_rank_state(rank_state, trainer)
+        return rank_state
 
     def rank_state(self, trainer: TrainerState, data: Mapping[str, Any]) -> dict[str, Any]:
         state: dict[str, Any] = {

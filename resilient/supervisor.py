@@ -223,10 +223,8 @@ class Supervisor:
         return run_id
 
     def _state_tree(self) -> dict[str, Any]:
-        tree = self._registered.model_and_optim()
         data = self._stream.rng_state() if self._stream is not None else {"epoch_rng": None, "loader_rng": None}
-        tree["ranks"] = {str(self.rank): self._registered.rank_state(self.trainer, data)}
-        return tree
+        return self._registered.state_tree(self.rank, self.trainer, data)
 
     def resume(self) -> TrainerState:
         """Load the newest complete checkpoint, if any, and return the trainer counters. Collective.
@@ -256,9 +254,7 @@ class Supervisor:
         manifest, sized = loaded
         _flat, leaves = flatten(like)
         tree = unflatten(sized, leaves, like)
-        self._registered.load_model_and_optim(tree)
-        rank_state = tree["ranks"][str(self.rank)]
-        self._registered.load_rank_state(rank_state, self.trainer)
+        rank_state = self._registered.load_state_tree(tree, self.rank, self.trainer)
         self._pending_rng = rank_state["rng"]
         self._saved_data = dict(rank_state["data"])
         self._last_saved_step = manifest.step

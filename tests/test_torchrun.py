@@ -6,6 +6,7 @@ compares the final digest with an uninterrupted run of the same command.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -139,3 +140,27 @@ def test_corrupt_latest_falls_back(tmp_path: Path, reference_digest) -> None:
     assert resumed.digest() == expected
     assert complete_steps(ckpt)[30] == "final"
     assert len(list(ckpt.glob("step_000000030.corrupt-*"))) == 1
+
+
+BATCHNORM_JOB = Path(__file__).parent / "scripts" / "batchnorm_job.py"
+
+
+def rank_digests(output: str) -> dict[str, str]:
+    return dict(re.findall(r"^rank (\d) digest=([0-9a-f]{64})$", output, re.MULTILINE))
+
+
+def test_batchnorm_buffers_resume_per_rank(tmp_path: Path) -> None:
+    reference = run_to_end(torchrun_command(BATCHNORM_JOB, str(tmp_path / "reference"), "25"))
+    expected = rank_digests(reference.output)
+    assert sorted(expected) == ["0", "1"]
+    assert expected["0"] != expected["1"], "the running statistics should differ per rank"
+    ckpt = tmp_path / "ckpt"
+
+    job = Job.start(torchrun_command(BATCHNORM_JOB, str(ckpt), "25"))
+    job.wait_for_step(10)
+    job.process.send_signal(signal.SIGTERM)
+    job.wait()
+    assert [info.reason for info in scan(ckpt, read_run_id(ckpt))] == ["preemption"]
+
+    resumed = run_to_end(torchrun_command(BATCHNORM_JOB, str(ckpt), "25"))
+    assert rank_digests(resumed.output) == expected
