@@ -1,12 +1,23 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
 from jobs import LM_ARGS, TRAIN_LM, run_to_end, torchrun_command
+
+
+@pytest.fixture(autouse=True)
+def restore_handlers(monkeypatch: pytest.MonkeyPatch):
+    """Put back SIGTERM and SIGUSR1 even when a Supervisor is left open by a failing test."""
+    monkeypatch.delenv("RESILIENT_SIGNALS", raising=False)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 @pytest.fixture(scope="session")

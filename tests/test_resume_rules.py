@@ -19,16 +19,6 @@ from jobs import Job, run_to_end
 from resilient import CheckpointError, CheckpointLoadError, Preempted, Supervisor, state_digest
 from resilient.checkpoint.discovery import COMPLETE, scan
 from resilient.checkpoint.layout import read_run_id
-from resilient.signals import SIGNALS_ENV
-
-
-@pytest.fixture(autouse=True)
-def restore_handlers(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(SIGNALS_ENV, raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def tiny() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -74,6 +64,16 @@ def test_resume_from_applies_only_once(tmp_path: Path) -> None:
     assert first.resumed_from == ckpt / "step_000000020"
     assert second.resumed_from == ckpt / "step_000000035"
     assert complete(ckpt) == [30, 35, 40]
+
+
+def test_resume_from_older_sets_newer_aside(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    run_steps(ckpt, 30, save_every=10, keep=2)
+    run_steps(ckpt, 25, save_every=10, keep=2, resume_from=ckpt / "step_000000020")
+
+    assert complete(ckpt) == [20, 25]
+    assert len(list(ckpt.glob("step_000000030.superseded-*"))) == 1
+    assert run_steps(ckpt, 25, save_every=10, keep=2).resumed_from == ckpt / "step_000000025"
 
 
 def test_resume_from_corrupt_raises(tmp_path: Path) -> None:

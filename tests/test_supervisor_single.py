@@ -22,20 +22,9 @@ from resilient.checkpoint.discovery import COMPLETE, complete_newest_first, scan
 from resilient.checkpoint.fsutil import checksum_file
 from resilient.checkpoint.layout import MARKER_NAME, checkpoint_name, read_manifest, read_run_id
 from resilient.checkpoint.load import verify_checksums
-from resilient.signals import SIGNALS_ENV
 
 MAX_STEPS = 25
 OPTIMIZERS = ["sgd", "adamw"]
-
-
-@pytest.fixture(autouse=True)
-def restore_handlers(monkeypatch: pytest.MonkeyPatch):
-    """Put back SIGTERM and SIGUSR1 even when a Supervisor is left open by a failing test."""
-    monkeypatch.delenv(SIGNALS_ENV, raising=False)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 class SimulatedCrash(Exception):
@@ -347,43 +336,6 @@ def test_supervisor_invalid_config_installs_nothing(tmp_path: Path) -> None:
 
     assert signal.getsignal(signal.SIGTERM) is before
     assert list(tmp_path.iterdir()) == []
-
-
-def test_resume_from_older_sets_newer_aside(tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    model, optimizer = _tiny_model_for_rollback()
-    with Supervisor(ckpt_dir=ckpt, save_every=10, keep=2) as sup:
-        sup.register(model=model, optimizer=optimizer)
-        for _ in sup.steps(30):
-            _rollback_step(model, optimizer)
-
-    model, optimizer = _tiny_model_for_rollback()
-    with Supervisor(ckpt_dir=ckpt, save_every=10, keep=2, resume_from=ckpt / "step_000000020") as sup:
-        sup.register(model=model, optimizer=optimizer)
-        for _ in sup.steps(25):
-            _rollback_step(model, optimizer)
-
-    complete = {info.step for info in scan(ckpt, read_run_id(ckpt)) if info.status == "complete"}
-    assert complete == {20, 25}
-    assert len(list(ckpt.glob("step_000000030.superseded-*"))) == 1
-
-    model, optimizer = _tiny_model_for_rollback()
-    with Supervisor(ckpt_dir=ckpt, save_every=10, keep=2) as sup:
-        sup.register(model=model, optimizer=optimizer)
-        assert sup.resume().step == 25
-
-
-def _tiny_model_for_rollback() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-
-def _rollback_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    loss = model(torch.randn(3, 4)).pow(2).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
 
 
 def test_read_only_ckpt_dir_rejected_at_start(tmp_path: Path) -> None:

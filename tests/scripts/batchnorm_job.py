@@ -37,6 +37,8 @@ try:
             if rank == 0:
                 print(f"step {step}", flush=True)
             time.sleep(0.1)
-    print(f"rank {rank} digest={resilient.state_digest(model, optimizer)}", flush=True)
+    # One write per line, so the two ranks' lines cannot interleave on the shared pipe.
+    sys.stdout.write(f"rank {rank} digest={resilient.state_digest(model, optimizer)}\n")
+    sys.stdout.flush()
 finally:
     dist.destroy_process_group()
