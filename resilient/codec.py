@@ -1,7 +1,7 @@
 """Flatten nested state into ``{key: tensor}`` for DCP, with non-tensor parts stored as JSON.
 
 DCP pickles non-tensor values and unpickles them with ``weights_only=False`` on
-load, so a crafted checkpoint could run code. Here every subtree that holds no
+load, so a crafted checkpoint could run code. Here every subtree that contains no
 tensor is encoded as UTF-8 JSON inside a ``uint8`` tensor, and tensors are
 loaded by DCP with ``weights_only=True``. The JSON keeps tuples, non-string dict
 keys and non-finite floats distinct, so values round-trip exactly.

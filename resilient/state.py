@@ -1,4 +1,4 @@
-"""What one rank's state is, and how it is captured and restored.
+"""One rank's state: its parts, and how they are captured and restored.
 
 The state tree saved through DCP has two parts:
 
@@ -128,8 +128,8 @@ class Registered:
         """Remove the model's buffers from ``model_state`` and return them.
 
         Buffers such as BatchNorm running statistics differ per rank under DDP,
-        so they are saved per rank; kept under the shared keys, DCP would store
-        one rank's values for all. Buffers are found by storage, not by name,
+        so they are saved per rank. Under the shared keys, DCP would store one
+        rank's values for all ranks. Buffers are found by storage, not by name,
         because ``get_state_dict`` renames keys of wrapped modules.
         """
         if self.model is None:

@@ -52,10 +52,10 @@ from resilient.state import Registered, Stateful, TrainerState, restore_rng
 log = get_logger(__name__)
 
 
-def _as_list(one: Any, many: Sequence[Any]) -> list[Any]:
-    items = list(many)
-    if one is not None:
-        items.insert(0, one)
+def _as_list(single: Any, sequence: Sequence[Any]) -> list[Any]:
+    items = list(sequence)
+    if single is not None:
+        items.insert(0, single)
     return items
 
 
@@ -203,15 +203,15 @@ class Supervisor:
         probe.write_bytes(b"")
         probe.unlink()
         stored = read_run_id(root)
-        wanted = self.config.run_id
-        if wanted is not None and stored is not None and stored != wanted:
+        requested_id = self.config.run_id
+        if requested_id is not None and stored is not None and stored != requested_id:
             raise ConfigError(
-                f"checkpoint directory {root} belongs to run {stored!r}, but run_id={wanted!r} was requested. "
+                f"checkpoint directory {root} belongs to run {stored!r}, but run_id={requested_id!r} was requested. "
                 "Use another directory for a different run, or drop run_id to continue the existing one."
             )
         if stored is not None:
             return stored
-        run_id = wanted
+        run_id = requested_id
         if run_id is None:
             adopted = [info for info in scan(root) if info.status == COMPLETE and info.manifest is not None]
             if adopted:
@@ -290,11 +290,11 @@ class Supervisor:
     def steps(self, max_steps: int) -> Iterator[int]:
         """Yield step numbers ``trainer.step + 1 .. max_steps``, deciding after each step.
 
-        After the loop body of step N returns, the step counts as done; then the
-        ranks agree on stopping, and periodic, preemption and final saves happen.
-        Creating a DataLoader iterator draws from torch's global RNG; when you
-        iterate a DataLoader yourself, prefer :meth:`train` or give the loader
-        its own ``generator`` so a resumed run draws the same numbers.
+        Step N counts as done when its loop body returns. Then the ranks agree
+        on stopping, and periodic, preemption and final saves happen. Creating
+        a DataLoader iterator draws from torch's global RNG, so prefer
+        :meth:`train` over iterating a DataLoader yourself; only :meth:`train`
+        re-creates a mid-epoch iterator with the generator states it had.
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ConfigError(f"max_steps must be an integer of at least 0, got {max_steps!r}")
@@ -334,8 +334,8 @@ class Supervisor:
         self._stream = stream
         if self.trainer.batch_in_epoch > 0:
             # The interrupted run created this epoch's iterator before the saved
-            # step RNG state was taken, so re-create it first, with the generator
-            # states it was created with; steps() then restores the step's RNG.
+            # step RNG state was taken. Re-create it first, with the generator
+            # states it was created with, and steps() then restores the step's RNG.
             stream.reopen_epoch(self._saved_data)
         try:
             for step in self.steps(max_steps):

@@ -62,14 +62,14 @@ class Job:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, predicate, timeout: float, what: str) -> None:
+    def wait_for(self, predicate, timeout: float, description: str) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self.process.poll() is not None:
-                raise AssertionError(f"job exited with {self.process.returncode} before {what}:\n{self.output[-4000:]}")
+                raise AssertionError(f"job exited with {self.process.returncode} before {description}:\n{self.output[-4000:]}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.output[-4000:]}")
+                raise AssertionError(f"timed out after {timeout} s waiting for {description}:\n{self.output[-4000:]}")
             time.sleep(0.02)
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:

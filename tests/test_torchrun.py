@@ -87,7 +87,7 @@ def test_sigkill_during_save_keeps_previous(tmp_path: Path, reference_digest) ->
     # kill lands while the step-20 save is written but not yet committed.
     job = Job.start(lm_command(ckpt), job_env(RESILIENT_DEBUG_COMMIT_DELAY="5"))
     job.wait_for(lambda: any(p.name.startswith("step_000000020.tmp-") and any(p.glob("__1_*.distcp"))
-                             for p in ckpt.glob("step_*")), timeout=240, what="the step-20 staging directory")
+                             for p in ckpt.glob("step_*")), timeout=240, description="the step-20 staging directory")
     time.sleep(0.5)
     job.workers()[1].kill()
     status = job.wait()

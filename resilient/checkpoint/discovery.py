@@ -60,11 +60,13 @@ def inspect(path: Path, run_id: str | None = None) -> CheckpointInfo | None:
         return None
     step, kind = parsed
     if kind != "final":
-        what = {"tmp": "staging directory of an unfinished save",
-                "deleting": "directory left by an interrupted deletion",
-                "superseded": "set aside by a roll-back to an older checkpoint or by a second save of this step",
-                "corrupt": "set aside after failing checksum verification on resume"}[kind]
-        return CheckpointInfo(path, step, PARTIAL, what)
+        description = {
+            "tmp": "staging directory of an unfinished save",
+            "deleting": "directory left by an interrupted deletion",
+            "superseded": "set aside by a roll-back to an older checkpoint or by a second save of this step",
+            "corrupt": "set aside after failing checksum verification on resume",
+        }[kind]
+        return CheckpointInfo(path, step, PARTIAL, description)
 
     if not (path / MARKER_NAME).exists():
         return CheckpointInfo(path, step, PARTIAL, f"no {MARKER_NAME} completion marker")

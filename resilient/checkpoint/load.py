@@ -57,9 +57,9 @@ def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     missing = sorted(key for key in flat if key not in metadata)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointLoadError(
-            f"checkpoint {path} has no state for {len(missing)} entries the running job expects ({shown}). "
+            f"checkpoint {path} has no state for {len(missing)} entries the running job expects ({listed}). "
             "It was written by a different model, optimizer or set of registered objects; start with a new "
             "checkpoint directory or register the same objects as the run that wrote it."
         )
@@ -111,8 +111,8 @@ def load_latest(
     Rank 0 lists the candidates and broadcasts them, so every rank tries the
     same checkpoints in the same order even when a shared filesystem shows
     ranks different views. A candidate whose files fail their checksums is
-    skipped with an error naming the files, and the next older one is tried;
-    once one loads, rank 0 renames the skipped ones to ``.corrupt-`` names.
+    skipped with an error naming the files, and the next older one is tried.
+    Once one loads, rank 0 renames the skipped ones to ``.corrupt-`` names.
 
     Returns None when there is no checkpoint at all. Raises
     CheckpointLoadError when checkpoints exist but none verifies, or when
@@ -133,8 +133,8 @@ def load_latest(
         if all_problems or manifest is None:
             corrupt.append(path)
             if comm.rank == 0:
-                what = "trying the next older one" if position + 1 < len(candidates) else "no older one is left"
-                log.error("Checkpoint %s is corrupt (%s): %s", path, what, "; ".join(all_problems))
+                action = "trying the next older one" if position + 1 < len(candidates) else "no older one is left"
+                log.error("Checkpoint %s is corrupt (%s): %s", path, action, "; ".join(all_problems))
             continue
 
         if manifest.world_size != comm.world_size:
