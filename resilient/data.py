@@ -148,8 +148,8 @@ class BatchStream:
         self._iterator = iter(self.loader)
         if skip_batches:
             # Without a sampler that can skip, the consumed batches are loaded and dropped.
-            log.warning("Fast-forwarding %d batches of epoch %d by loading them; use resilient.ResumableSampler "
-                        "to skip them without loading.", skip_batches, self.epoch)
+            log.warning("Fast-forwarding %d batches of epoch %d by loading them; with a map-style dataset, "
+                        "resilient.ResumableSampler skips them without loading.", skip_batches, self.epoch)
             for _ in range(skip_batches):
                 try:
                     next(self._iterator)

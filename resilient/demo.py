@@ -102,6 +102,12 @@ def run_demo(workdir: Path | None = None, max_steps: int = 60, keep: bool = Fals
             return 1
         print("    Checkpoints on disk now:")
         _list_checkpoints(preempted_dir)
+        preempted = [info.step for info in scan(preempted_dir, read_run_id(preempted_dir))
+                     if info.reason == "preemption"]
+        if not preempted:
+            print("No preemption checkpoint was committed; the demo failed.")
+            return 1
+        saved_at = preempted[-1]
 
         print("\n[2/4] Restarting the same command; it resumes from the newest complete checkpoint", flush=True)
         status, resumed_digest, _, _ = _run(_command(script, preempted_dir, max_steps))
@@ -120,7 +126,8 @@ def run_demo(workdir: Path | None = None, max_steps: int = 60, keep: bool = Fals
         print(f"    uninterrupted:         {reference_digest}")
         elapsed = time.monotonic() - started
         if resumed_digest == reference_digest:
-            print(f"\nPASS: identical bit for bit after a preemption at step {signalled_at} ({elapsed:.0f} s).")
+            print(f"\nPASS: identical bit for bit after SIGTERM at step {signalled_at} and a preemption checkpoint "
+                  f"of step {saved_at} ({elapsed:.0f} s).")
             return 0
         print(f"\nFAIL: the digests differ ({elapsed:.0f} s).")
         return 1

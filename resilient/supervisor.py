@@ -98,6 +98,7 @@ class Supervisor:
         self._save_requested: str | None = None
         self._stream: BatchStream | None = None
         self._saved_data: dict[str, Any] = {}
+        self._closed = False
 
         self.recorder = SignalRecorder(self.config.signals)
         self.recorder.install()
@@ -112,6 +113,7 @@ class Supervisor:
 
     def close(self) -> None:
         """Restore the previous signal handlers and release resilient's process group."""
+        self._closed = True
         self.recorder.restore()
         if self._comm is not None:
             # A gloo group left alive at interpreter exit can abort the process
@@ -153,6 +155,8 @@ class Supervisor:
         return self
 
     def _connect(self) -> Comm:
+        if self._closed:
+            raise RuntimeError("this Supervisor is closed; create a new one to resume or save")
         if self._comm is None:
             self._comm = Comm(self.config.collective_timeout)
             CONTEXT.rank, CONTEXT.world_size = self._comm.rank, self._comm.world_size

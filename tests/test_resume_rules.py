@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -231,3 +232,24 @@ def test_loader_workers_survive_job_sigterm(tmp_path: Path, persistent: str) -> 
     assert reasons == ["preemption"]
     resumed = run_to_end([sys.executable, str(LOADER_WORKERS), str(ckpt), "30", persistent])
     assert resumed.digest() == expected.digest()
+
+
+def test_manifest_without_metadata_rejected(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    run_steps(ckpt, 20, save_every=10)
+    marker = ckpt / "step_000000020" / "manifest.json"
+    manifest = json.loads(marker.read_text())
+    manifest["files"] = [entry for entry in manifest["files"] if entry["path"] != ".metadata"]
+    marker.write_text(json.dumps(manifest))
+
+    resumed = run_steps(ckpt, 25, save_every=10)
+
+    assert resumed.resumed_from == ckpt / "step_000000010"
+    assert len(list(ckpt.glob("step_000000020.corrupt-*"))) == 1
+
+
+def test_closed_supervisor_rejects_save(tmp_path: Path) -> None:
+    sup = run_steps(tmp_path / "ckpt", 3)
+
+    with pytest.raises(RuntimeError, match="Supervisor is closed"):
+        sup.save()

@@ -33,6 +33,9 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
     if manifest.checksum_algorithm not in hashlib.algorithms_available or manifest.checksum_algorithm.startswith("shake"):
         return [f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r} in the manifest"]
     problems = []
+    if rank == 0 and ".metadata" not in {entry.path for entry in manifest.files}:
+        # DCP would read an unlisted .metadata without any check.
+        problems.append(f"{path}: the manifest does not list .metadata")
     for index, entry in enumerate(manifest.files):
         if index % world_size != rank:
             continue
