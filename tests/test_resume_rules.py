@@ -253,3 +253,27 @@ def test_closed_supervisor_rejects_save(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="Supervisor is closed"):
         sup.save()
+
+
+def test_grad_scaler_state_resumes(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    model, optimizer = tiny()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    with Supervisor(ckpt_dir=ckpt) as sup:
+        sup.register(model=model, optimizer=optimizer, scaler=scaler)
+        for _ in sup.steps(7):
+            loss = F.mse_loss(model(torch.randn(4, 4)), torch.randn(4, 1))
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    saved = scaler.state_dict()
+
+    model, optimizer = tiny()
+    restored = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=3)
+    with Supervisor(ckpt_dir=ckpt) as sup:
+        sup.register(model=model, optimizer=optimizer, scaler=restored)
+        sup.resume()
+
+    assert saved["scale"] == 1024.0 * 2**2
+    assert restored.state_dict() == saved
