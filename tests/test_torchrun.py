@@ -164,3 +164,20 @@ def test_batchnorm_buffers_resume_per_rank(tmp_path: Path) -> None:
 
     resumed = run_to_end(torchrun_command(BATCHNORM_JOB, str(ckpt), "25"))
     assert rank_digests(resumed.output) == expected
+
+
+CONFLICTING_KEYS = Path(__file__).parent / "scripts" / "conflicting_keys.py"
+
+
+def test_same_key_different_values_rejected(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    job = Job.start(torchrun_command(CONFLICTING_KEYS, str(ckpt)))
+    status = job.wait(timeout=120)
+
+    assert status != 0
+    for rank in (0, 1):
+        line = next((line for line in job.lines if line.startswith(f"rank {rank} raised:")), "")
+        assert "have different values on different ranks" in line, job.output[-3000:]
+        assert "'model.0.weight' (ranks [0] vs [1])" in line
+        assert "'optim.state.0.weight.exp_avg' (ranks [0] vs [1])" in line
+    assert list(ckpt.glob("step_*")) == []

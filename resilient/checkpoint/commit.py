@@ -4,7 +4,9 @@ The phases, each ending in a collective so that a failure on any rank reaches
 every rank (or the group timeout fires) instead of leaving ranks waiting:
 
 1. ``stage``: rank 0 creates the staging directory and broadcasts its name.
-2. ``prepare``: each rank flattens its state; ranks exchange success flags.
+2. ``prepare``: each rank flattens its state; ranks exchange success flags
+   and a fingerprint per key, and a key with different values on different
+   ranks rejects the save (DCP would keep only one of them).
 3. ``write``: ``torch.distributed.checkpoint.save`` into the staging directory.
    DCP gathers per-rank write errors and raises on every rank.
 4. ``report``: each rank fsyncs its own files and checksums them; the reports
@@ -32,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from resilient._logging import get_logger
+from resilient.checkpoint.conflicts import describe_conflicts, find_conflicts, fingerprints
 from resilient.checkpoint.fsutil import checksum_file, fsync_dir, fsync_file, write_json_atomic
 from resilient.checkpoint.layout import (
     MARKER_NAME,
@@ -80,9 +83,8 @@ def _local_error(phase: str, err: BaseException) -> str:
     return f"{phase} failed: {type(err).__name__}: {err}"
 
 
-def _raise_if_any_failed(comm: Comm, phase: str, error: str | None, staging: Path | None) -> None:
-    """Exchange per-rank errors of ``phase``; raise CheckpointError on every rank if any failed."""
-    errors = comm.all_gather_object(error)
+def _raise_if_any_failed(comm: Comm, phase: str, errors: list[str | None], staging: Path | None) -> None:
+    """Raise CheckpointError on every rank if any rank reported an error in ``phase``."""
     failed = {rank: message for rank, message in enumerate(errors) if message}
     if not failed:
         return
@@ -162,13 +164,22 @@ def save_checkpoint(
 
     # Phase 2: prepare.
     flat: Mapping[str, torch.Tensor] = {}
+    prints: dict[str, str] = {}
     error = None
     try:
         flat = flatten_state()
+        prints = fingerprints(flat) if comm.distributed else {}
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = _local_error("collecting state", err)
         log.error("Collecting state for step %d failed:\n%s", step, traceback.format_exc())
-    _raise_if_any_failed(comm, "prepare", error, staging)
+    gathered = comm.all_gather_object((error, prints))
+    _raise_if_any_failed(comm, "prepare", [rank_error for rank_error, _ in gathered], staging)
+    conflicts = find_conflicts([rank_prints for _, rank_prints in gathered])
+    if conflicts:
+        if comm.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"checkpoint save of step {step} rejected, no marker written: "
+                              f"{describe_conflicts(conflicts)}")
 
     # Phase 3: write.
     try:
