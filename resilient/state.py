@@ -146,6 +146,9 @@ class Registered:
         tree = self.model_and_optim()
         rank_state = self.rank_state(trainer, data)
         rank_state["buffers"] = self.split_buffers(tree["model"]) if "model" in tree else {}
+        # Hyperparameters and the parameter names of each group differ per pipeline
+        # stage, and DCP would keep one rank's copy, so they are saved per rank.
+        rank_state["param_groups"] = tree["optim"].pop("param_groups") if "optim" in tree else []
         tree["ranks"] = {str(rank): rank_state}
         return tree
 
@@ -154,6 +157,8 @@ class Registered:
         rank_state = tree["ranks"][str(rank)]
         if "model" in tree:
             tree["model"].update(rank_state["buffers"])
+        if "optim" in tree:
+            tree["optim"]["param_groups"] = rank_state["param_groups"]
         self.load_model_and_optim(tree)
         self.load_rank_state(rank_state, trainer)
         return rank_state
