@@ -145,7 +145,7 @@ def warmup_cosine(warmup: int, total: int):
 # -- training -----------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, config: resilient.Config) -> None:
     rank = dist.get_rank()
 
     # Identical initial weights on every rank, then a per-rank stream for dropout.
@@ -163,7 +163,7 @@ def train(args: argparse.Namespace) -> None:
     sampler = resilient.ResumableSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
-    with resilient.Supervisor(ckpt_dir=args.ckpt_dir, save_every=args.save_every, keep=args.keep) as sup:
+    with resilient.Supervisor(config) as sup:
         sup.register(model=ddp_model, optimizer=optimizer, scheduler=scheduler)
         for step, (inputs, targets) in sup.train(loader, args.max_steps):
             logits = ddp_model(inputs)
@@ -184,12 +184,17 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        # Checked before any work, so a bad flag costs nothing.
+        config = resilient.Config(ckpt_dir=args.ckpt_dir, save_every=args.save_every, keep=args.keep)
+    except resilient.ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        train(args)
+        train(args, config)
     finally:
         dist.destroy_process_group()
 

@@ -106,7 +106,7 @@ def pipeline_digest(stage: nn.Module, optimizer: torch.optim.Optimizer) -> str |
     return resilient.tree_digest(merged)
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, config: resilient.Config) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != NUM_STAGES:
         raise SystemExit(f"train_pipeline.py runs {NUM_STAGES} stages, one per rank; start it with "
@@ -130,7 +130,7 @@ def train(args: argparse.Namespace) -> None:
                                          drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
-    with resilient.Supervisor(ckpt_dir=args.ckpt_dir, save_every=args.save_every) as sup:
+    with resilient.Supervisor(config) as sup:
         sup.register(model=stage_module, optimizer=optimizer, scheduler=scheduler)
         for step, (inputs, targets) in sup.train(loader, args.max_steps):
             optimizer.zero_grad(set_to_none=True)
@@ -155,12 +155,16 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        config = resilient.Config(ckpt_dir=args.ckpt_dir, save_every=args.save_every)
+    except resilient.ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        train(args)
+        train(args, config)
     finally:
         dist.destroy_process_group()
 

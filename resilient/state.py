@@ -91,6 +91,10 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 # -- registered objects ------------------------------------------------------------
 
 
+def _tensor_bytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
 @dataclass
 class Registered:
     """The objects whose state a rank saves and restores."""
@@ -123,6 +127,23 @@ class Registered:
             return
         set_state_dict(self.model, list(self.optimizers), model_state_dict=tree["model"],
                        optim_state_dict=tree.get("optim", {}))
+
+    def estimate_bytes(self) -> tuple[int, int]:
+        """Return a lower and an upper bound of this rank's model and optimizer state in bytes.
+
+        Uses ``state_dict()`` only, because ``get_state_dict`` would initialise an
+        empty optimizer with a zero-gradient step, which counts as a step for Adam.
+        Before the first step the optimizer state is empty; Adam-like optimizers
+        then add up to two moments per parameter, which only the upper bound counts.
+        """
+        if self.model is None:
+            return 0, 0
+        certain = sum(_tensor_bytes(value) for value in self.model.state_dict().values())
+        for optimizer in self.optimizers:
+            for state in optimizer.state.values():
+                certain += sum(_tensor_bytes(value) for value in state.values())
+        parameters = sum(_tensor_bytes(parameter) for parameter in self.model.parameters())
+        return certain, certain + 2 * parameters * len(self.optimizers)
 
     def split_buffers(self, model_state: dict[str, Any]) -> dict[str, Any]:
         """Remove the model's buffers from ``model_state`` and return them.

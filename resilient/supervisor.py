@@ -30,6 +30,7 @@ from resilient.checkpoint.commit import SaveResult, save_checkpoint
 from resilient.checkpoint.discovery import COMPLETE, scan
 from resilient.checkpoint.layout import (
     REASONS,
+    Manifest,
     ManifestError,
     aside_name,
     new_run_id,
@@ -47,6 +48,7 @@ from resilient.config import Config
 from resilient.data import BatchStream
 from resilient.errors import CheckpointError, ConfigError, Preempted
 from resilient.signals import SignalRecorder
+from resilient.validation import check_disk_space, warn_on_version_change
 from resilient.state import Registered, Stateful, TrainerState, restore_rng
 
 log = get_logger(__name__)
@@ -253,9 +255,34 @@ class Supervisor:
         self._resumed = True
         if loaded is None:
             log.info("No complete checkpoint in %s; starting run %s from step 0.", self.config.root, self._run_id)
-            return self.trainer
+        else:
+            self._apply_loaded(comm, *loaded, like=like, resume_from=resume_from, started=started)
+        self._check_disk_space(comm, loaded[0] if loaded else None)
+        return self.trainer
 
-        manifest, sized = loaded
+    def _check_disk_space(self, comm: Comm, manifest: Manifest | None) -> None:
+        """Fail at start when two checkpoints clearly do not fit in ckpt_dir. Collective."""
+        if manifest is not None:
+            lower = upper = manifest.total_bytes
+        else:
+            # DCP stores replicated (DDP) state once, so the largest rank bounds the size from
+            # below and the sum over ranks from above.
+            estimates = comm.all_gather_object(self._registered.estimate_bytes())
+            lower = max(low for low, _high in estimates)
+            upper = sum(high for _low, high in estimates)
+        error = None
+        if comm.rank == 0:
+            try:
+                check_disk_space(self.config.root, lower, upper)
+            except ConfigError as err:
+                error = str(err)
+        error = comm.broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+
+    def _apply_loaded(self, comm: Comm, manifest: Manifest, sized: dict[str, torch.Tensor], *,
+                      like: dict[str, Any], resume_from: Path | None, started: float) -> None:
+        """Restore the loaded checkpoint into the registered objects."""
         _flat, leaves = flatten(like)
         tree = unflatten(sized, leaves, like)
         rank_state = self._registered.load_state_tree(tree, self.rank, self.trainer)
@@ -268,7 +295,8 @@ class Supervisor:
             record_resume_from(self.config.root, resume_from)
         log.info("Resumed from %s (step %d, %s, saved by %d ranks) in %.2f s.", self.resumed_from, manifest.step,
                  manifest.reason, manifest.world_size, time.monotonic() - started)
-        return self.trainer
+        if comm.rank == 0:
+            warn_on_version_change(manifest, self.resumed_from)
 
     def _set_aside_newer(self, step: int) -> None:
         """Rename this run's checkpoints newer than ``step`` so discovery and retention ignore them.

@@ -181,3 +181,14 @@ def test_same_key_different_values_rejected(tmp_path: Path) -> None:
         assert "'model.0.weight' (ranks [0] vs [1])" in line
         assert "'optim.state.0.weight.exp_avg' (ranks [0] vs [1])" in line
     assert list(ckpt.glob("step_*")) == []
+
+
+def test_invalid_save_every_stops_before_training(tmp_path: Path) -> None:
+    job = Job.start(torchrun_command(TRAIN_LM, "--ckpt-dir", str(tmp_path / "ckpt"), "--save-every", "0", *LM_ARGS))
+    status = job.wait(timeout=120)
+
+    assert status != 0
+    assert "error: save_every must be an integer of at least 1 or None, got 0" in job.output
+    assert "[rank0]: Traceback" not in job.output, "the workers should exit with a message, not a traceback"
+    assert job.steps_seen == 0
+    assert not (tmp_path / "ckpt").exists()

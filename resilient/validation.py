@@ -1,0 +1,57 @@
+"""Checks of the running environment that a Config alone cannot make: free disk space, versions."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from resilient._logging import get_logger
+from resilient.checkpoint.layout import Manifest
+from resilient.errors import ConfigError
+
+log = get_logger(__name__)
+
+#: Checkpoints that must fit on disk: the newest complete one is kept while the next is written.
+CHECKPOINTS_ON_DISK = 2
+
+
+def _gigabytes(count: float) -> str:
+    return f"{count / 1e9:.2f} GB"
+
+
+def check_disk_space(root: Path, lower_bytes: int, upper_bytes: int) -> None:
+    """Raise ConfigError when ``root`` clearly lacks room for two checkpoints; warn when it may.
+
+    ``lower_bytes`` and ``upper_bytes`` bound the size of one checkpoint: the
+    size is exact after a first save, and before it ranks may or may not hold
+    replicated state that DCP stores once.
+    """
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError as err:
+        log.warning("Cannot read the free space of %s (%s); not checking that two checkpoints fit.", root, err)
+        return
+    needed = CHECKPOINTS_ON_DISK * lower_bytes
+    if free < needed:
+        raise ConfigError(
+            f"ckpt_dir {str(root)!r} has {_gigabytes(free)} free, but two checkpoints of this job need at least "
+            f"{_gigabytes(needed)} (the newest complete one stays while the next is written). Free space there "
+            "or pass a ckpt_dir on a larger filesystem."
+        )
+    if free < CHECKPOINTS_ON_DISK * upper_bytes:
+        log.warning("%s has %s free; two checkpoints need between %s and %s, so a save may fail for lack of space.",
+                    root, _gigabytes(free), _gigabytes(needed), _gigabytes(CHECKPOINTS_ON_DISK * upper_bytes))
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def warn_on_version_change(manifest: Manifest, path: Path) -> None:
+    """Log a warning when the checkpoint was written by another torch minor version."""
+    saved = manifest.versions.get("torch")
+    if saved and _major_minor(saved) != _major_minor(torch.__version__):
+        log.warning("Checkpoint %s was written by torch %s and is loaded by torch %s; DCP's format may differ "
+                    "between minor versions.", path, saved, torch.__version__)
