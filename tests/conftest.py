@@ -33,15 +33,15 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference_digest(shared_dir: Path):
     """Return the final digest of an uninterrupted train_lm run, computed once per argument list."""
 
-    def compute(max_steps: int, save_every: int) -> str:
-        key = f"lm-{max_steps}-{save_every}"
+    def compute(max_steps: int, save_every: int, *extra: str) -> str:
+        key = "-".join(["lm", str(max_steps), str(save_every), *(arg.strip("-") for arg in extra)])
         cache = shared_dir / f"{key}.json"
         with FileLock(str(shared_dir / f"{key}.lock")):
             if cache.exists():
                 return json.loads(cache.read_text())["digest"]
             ckpt = shared_dir / f"{key}-ckpt"
             job = run_to_end(torchrun_command(TRAIN_LM, "--ckpt-dir", str(ckpt), "--max-steps", str(max_steps),
-                                              "--save-every", str(save_every), *LM_ARGS))
+                                              "--save-every", str(save_every), *LM_ARGS, *extra))
             digest = job.digest()
             cache.write_text(json.dumps({"digest": digest}))
             return digest

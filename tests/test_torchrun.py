@@ -192,3 +192,24 @@ def test_invalid_save_every_stops_before_training(tmp_path: Path) -> None:
     assert "[rank0]: Traceback" not in job.output, "the workers should exit with a message, not a traceback"
     assert job.steps_seen == 0
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_fsdp_sigterm_resumes_exactly(tmp_path: Path, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY, "--fsdp")
+    ckpt = tmp_path / "ckpt"
+
+    job = Job.start(lm_command(ckpt) + ["--fsdp"])
+    job.wait_for_step(13)
+    job.process.send_signal(signal.SIGTERM)
+    job.wait()
+    preempted = [step for step, reason in complete_steps(ckpt).items() if reason == "preemption"]
+    assert len(preempted) == 1
+
+    # Each rank wrote its own shard of the model and of the Adam moments.
+    manifest = read_manifest(ckpt / f"step_{preempted[0]:09d}")
+    sizes = {entry.rank: entry.size for entry in manifest.files if entry.path.endswith(".distcp")}
+    assert sorted(sizes) == [0, 1]
+    assert min(sizes.values()) > 0.4 * max(sizes.values())
+
+    resumed = run_to_end(lm_command(ckpt) + ["--fsdp"])
+    assert resumed.digest() == expected
