@@ -10,6 +10,9 @@ from resilient.errors import ConfigError
 from resilient.signals import parse_signals, signals_from_env
 
 
+DATA_ON_RESIZE = ("error", "restart_epoch")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """Settings for checkpointing and preemption handling.
@@ -28,6 +31,10 @@ class Config:
         resume_from: Resume from this checkpoint directory instead of the newest complete one.
         exit_on_preemption: After the preemption checkpoint, raise ``Preempted`` (exit status 75).
             When False the step loop just ends and ``Supervisor.preempted`` is True.
+        data_on_resize: What ``train()`` does when resuming mid-epoch at another world size with a
+            sampler that cannot redistribute the rest of the epoch (anything but ``ResumableSampler``):
+            ``"error"`` raises ConfigError; ``"restart_epoch"`` starts that epoch over, so samples
+            seen before the interruption are seen again.
     """
 
     ckpt_dir: str | os.PathLike
@@ -39,6 +46,7 @@ class Config:
     run_id: str | None = None
     resume_from: str | os.PathLike | None = None
     exit_on_preemption: bool = True
+    data_on_resize: str = "error"
 
     def __post_init__(self) -> None:
         if not str(self.ckpt_dir):
@@ -58,6 +66,9 @@ class Config:
             object.__setattr__(self, "signals", tuple(sig.name for sig in parsed))
         else:
             signals_from_env()  # reject an invalid RESILIENT_SIGNALS now, not at install time
+        if self.data_on_resize not in DATA_ON_RESIZE:
+            raise ConfigError(f"data_on_resize must be one of {', '.join(map(repr, DATA_ON_RESIZE))}, "
+                              f"got {self.data_on_resize!r}")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id):
             raise ConfigError(f"run_id {self.run_id!r} is invalid; use a non-empty name without '/'")
 

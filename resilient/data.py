@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from resilient._logging import get_logger
+from resilient.errors import ConfigError
 
 log = get_logger(__name__)
 
@@ -33,10 +34,28 @@ class ResumableSampler(DistributedSampler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._skip = 0
+        self._global_skip: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self._skip = 0
+        self._global_skip = None
+
+    def resume_after(self, samples_per_rank: int, saved_world_size: int) -> None:
+        """Continue the epoch after each of ``saved_world_size`` ranks consumed ``samples_per_rank`` samples.
+
+        Ranks of a ``DistributedSampler`` take every ``world_size``-th index of
+        the epoch's order, so in lockstep they have together consumed its first
+        ``samples_per_rank * saved_world_size`` indices. With another world size
+        the rest of the order is split among the current ranks, so each
+        remaining sample is seen once (with ``drop_last``, up to
+        ``num_replicas - 1`` samples at the end are dropped, as in any epoch).
+        """
+        if saved_world_size == self.num_replicas:
+            self.skip(samples_per_rank)
+            return
+        self._skip = 0
+        self._global_skip = samples_per_rank * saved_world_size
 
     def skip(self, num_samples: int) -> None:
         """Drop the first ``num_samples`` indices of the current epoch."""
@@ -45,11 +64,30 @@ class ResumableSampler(DistributedSampler):
         self._skip = num_samples
 
     def __iter__(self) -> Iterator[int]:
+        if self._global_skip is not None:
+            return iter(self._redistributed())
         indices = list(super().__iter__())
         return iter(indices[self._skip:])
 
     def __len__(self) -> int:
+        if self._global_skip is not None:
+            return len(self._redistributed())
         return max(self.num_samples - self._skip, 0)
+
+    def _redistributed(self) -> list[int]:
+        """Return this rank's share of the epoch's order after the first ``_global_skip`` indices."""
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        remaining = order[min(self._global_skip or 0, len(order)):]
+        if self.drop_last:
+            remaining = remaining[: len(remaining) - len(remaining) % self.num_replicas]
+        elif remaining and len(remaining) % self.num_replicas:
+            remaining += remaining[: self.num_replicas - len(remaining) % self.num_replicas]
+        return remaining[self.rank::self.num_replicas]
 
 
 class _IgnoreSignalsInWorker:
@@ -88,20 +126,48 @@ class BatchStream:
         self.batch_in_epoch = batch_in_epoch
         self._iterator: Iterator[Any] | None = None
         self._epochs_without_batches = 0
+        self._saved_world_size: int | None = None
         self._epoch_rng: torch.Tensor | None = None
         self._loader_rng: torch.Tensor | None = None
 
-    def rng_state(self) -> dict[str, str | None]:
-        """Return the generator states taken just before this epoch's iterator was created.
+    def state(self) -> dict[str, Any]:
+        """Return what a resume needs to re-create this epoch's iterator.
 
         Creating the iterator draws the shuffle seed of a ``RandomSampler`` and
         the workers' base seed from torch's global generator (or the loader's
-        own ``generator``), so re-creating it mid-epoch on resume needs them.
+        own ``generator``), so the generator states taken just before are kept.
+        The sampler's number of replicas tells a resume whether the data must
+        be redistributed over another number of ranks.
         """
-        return {"epoch_rng": _to_hex(self._epoch_rng), "loader_rng": _to_hex(self._loader_rng)}
+        return {"epoch_rng": _to_hex(self._epoch_rng), "loader_rng": _to_hex(self._loader_rng),
+                "num_replicas": getattr(self.sampler, "num_replicas", None)}
 
-    def reopen_epoch(self, saved: dict[str, str | None]) -> None:
-        """Re-create the current epoch's iterator with the generator states it had, then skip consumed batches."""
+    def reopen_epoch(self, saved: dict[str, Any], data_on_resize: str = "error") -> None:
+        """Re-create the current epoch's iterator with the generator states it had, then skip consumed batches.
+
+        When the sampler had another number of replicas when the checkpoint was
+        saved, a ResumableSampler splits the rest of the epoch among the current
+        ranks. Any other data source raises ConfigError, or with
+        ``data_on_resize="restart_epoch"`` starts the epoch over.
+        """
+        saved_world_size = saved.get("num_replicas")
+        self._saved_world_size = saved_world_size
+        sampler = self.sampler
+        world_size = getattr(sampler, "num_replicas", None)
+        if saved_world_size is not None and world_size is not None and saved_world_size != world_size \
+                and not isinstance(sampler, ResumableSampler):
+            source = type(sampler).__name__
+            if data_on_resize != "restart_epoch":
+                raise ConfigError(
+                    f"cannot redistribute the rest of epoch {self.epoch} from {saved_world_size} to {world_size} "
+                    f"ranks with a {source}: it only skips whole batches of one rank. Use "
+                    "resilient.ResumableSampler, or pass data_on_resize='restart_epoch' to start the epoch over."
+                )
+            log.warning("Restarting epoch %d from its first batch after a change from %d to %d ranks "
+                        "(data_on_resize='restart_epoch'); samples seen before the change are seen again.",
+                        self.epoch, saved_world_size, world_size)
+            self.batch_in_epoch = 0
+            self._saved_world_size = None
         epoch_rng, loader_rng = _from_hex(saved.get("epoch_rng")), _from_hex(saved.get("loader_rng"))
         if self.epoch > 0 and getattr(self.loader, "persistent_workers", False) and self.loader._iterator is None:
             # With persistent workers only the first epoch creates the iterator and
@@ -143,7 +209,8 @@ class BatchStream:
             batch_size = self.loader.batch_size
             if batch_size is None:
                 raise ValueError("ResumableSampler needs a DataLoader with batch_size set to skip whole batches")
-            sampler.skip(skip_batches * batch_size)
+            sampler.resume_after(skip_batches * batch_size, self._saved_world_size or sampler.num_replicas)
+            self._saved_world_size = None
             skip_batches = 0
         self._iterator = iter(self.loader)
         if skip_batches:

@@ -163,7 +163,10 @@ class Registered:
         return {key: model_state.pop(key) for key in keys}
 
     def state_tree(self, rank: int, trainer: TrainerState, data: Mapping[str, Any]) -> dict[str, Any]:
-        """Return everything this rank saves: shared model and optimizer state, and ``ranks.<rank>``."""
+        """Return everything this rank saves: shared model and optimizer state, and ``ranks.<rank>``.
+
+        To load at another world size, ``rank`` names the saved rank whose per-rank state is read.
+        """
         tree = self.model_and_optim()
         rank_state = self.rank_state(trainer, data)
         rank_state["buffers"] = self.split_buffers(tree["model"]) if "model" in tree else {}

@@ -228,9 +228,15 @@ class Supervisor:
         write_run_id(root, run_id)
         return run_id
 
-    def _state_tree(self) -> dict[str, Any]:
-        data = self._stream.rng_state() if self._stream is not None else {"epoch_rng": None, "loader_rng": None}
-        return self._registered.state_tree(self.rank, self.trainer, data)
+    def _state_tree(self, source_rank: int | None = None) -> dict[str, Any]:
+        data = self._stream.state() if self._stream is not None else {"epoch_rng": None, "loader_rng": None,
+                                                                      "num_replicas": None}
+        rank = self.rank if source_rank is None else source_rank
+        return self._registered.state_tree(rank, self.trainer, data)
+
+    def _source_rank(self, saved_world_size: int) -> int:
+        """Return the saved rank whose per-rank state this rank loads: its own, or rank 0's when it is new."""
+        return self.rank if self.rank < saved_world_size else 0
 
     def resume(self) -> TrainerState:
         """Load the newest complete checkpoint, if any, and return the trainer counters. Collective.
@@ -246,8 +252,8 @@ class Supervisor:
 
         like: dict[str, Any] = {}
 
-        def build_template() -> tuple[dict[str, torch.Tensor], list[Any]]:
-            like.update(self._state_tree())
+        def build_template(saved_world_size: int) -> tuple[dict[str, torch.Tensor], list[Any]]:
+            like.update(self._state_tree(self._source_rank(saved_world_size)))
             return flatten(like)
 
         loaded = load_latest(comm, self.config.root, self._run_id, build_template=build_template,
@@ -285,9 +291,19 @@ class Supervisor:
         """Restore the loaded checkpoint into the registered objects."""
         _flat, leaves = flatten(like)
         tree = unflatten(sized, leaves, like)
-        rank_state = self._registered.load_state_tree(tree, self.rank, self.trainer)
-        self._pending_rng = rank_state["rng"]
+        source = self._source_rank(manifest.world_size)
+        rank_state = self._registered.load_state_tree(tree, source, self.trainer)
         self._saved_data = dict(rank_state["data"])
+        if source == self.rank:
+            self._pending_rng = rank_state["rng"]
+        else:
+            log.warning("The checkpoint has no state of rank %d (saved by %d ranks): its RNG keeps this process's "
+                        "seeding, and schedulers, buffers and registered objects come from saved rank %d.",
+                        self.rank, manifest.world_size, source)
+        if manifest.world_size != comm.world_size and comm.rank == 0:
+            log.warning("Resuming %d ranks from a checkpoint of %d ranks: model and optimizer are resharded by DCP; "
+                        "the data position is redistributed by train() when the sampler allows it.",
+                        comm.world_size, manifest.world_size)
         self._last_saved_step = manifest.step
         self.resumed_from = Path(resume_from) if resume_from else self.config.root / f"step_{manifest.step:09d}"
         if resume_from is not None and comm.rank == 0:
@@ -368,7 +384,7 @@ class Supervisor:
             # The interrupted run created this epoch's iterator before the saved
             # step RNG state was taken. Re-create it first, with the generator
             # states it was created with, and steps() then restores the step's RNG.
-            stream.reopen_epoch(self._saved_data)
+            stream.reopen_epoch(self._saved_data, self.config.data_on_resize)
         try:
             for step in self.steps(max_steps):
                 batch = stream.next_batch()

@@ -54,7 +54,8 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
     return problems
 
 
-def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf]) -> dict[str, torch.Tensor]:
+def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf],
+                    layout: str) -> dict[str, torch.Tensor]:
     """Check that the checkpoint has every key, and size JSON leaves as stored."""
     # NOTE: DCP's .metadata file is a pickle; it is read only after its checksum matched the manifest.
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -62,9 +63,10 @@ def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf
     if missing:
         listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointLoadError(
-            f"checkpoint {path} has no state for {len(missing)} entries the running job expects ({listed}). "
-            "It was written by a different model, optimizer or set of registered objects; start with a new "
-            "checkpoint directory or register the same objects as the run that wrote it."
+            f"checkpoint {path} has no state for {len(missing)} entries the running job expects ({listed}); "
+            f"{layout}. It was written by a different model, optimizer, set of registered objects or parallel "
+            "layout (pipeline stages cannot be redistributed over another number of ranks). Restart with the "
+            "layout and objects of the run that wrote it, or start with a new checkpoint directory."
         )
     sized = dict(flat)
     for leaf in leaves:
@@ -106,7 +108,7 @@ def load_latest(
     root: Path,
     run_id: str,
     *,
-    build_template: Callable[[], tuple[dict[str, torch.Tensor], list[Leaf]]],
+    build_template: Callable[[int], tuple[dict[str, torch.Tensor], list[Leaf]]],
     resume_from: Path | None = None,
 ) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
     """Load the newest complete checkpoint that verifies. Collective.
@@ -117,7 +119,9 @@ def load_latest(
     skipped with an error naming the files, and the next older one is tried.
     Once one loads, rank 0 renames the skipped ones to ``.corrupt-`` names.
 
-    Returns None when there is no checkpoint at all. Raises
+    ``build_template`` receives the world size that wrote the checkpoint and
+    returns the flat state to load into. Returns None when there is no
+    checkpoint at all. Raises
     CheckpointLoadError when checkpoints exist but none verifies, or when
     ``resume_from`` does not verify, rather than silently starting from step 0.
     """
@@ -140,13 +144,9 @@ def load_latest(
                 log.error("Checkpoint %s is corrupt (%s): %s", path, action, "; ".join(all_problems))
             continue
 
-        if manifest.world_size != comm.world_size:
-            raise CheckpointLoadError(
-                f"checkpoint {path} was written by {manifest.world_size} ranks but this job runs "
-                f"{comm.world_size}. Restart with {manifest.world_size} ranks, or start a new checkpoint directory."
-            )
-        flat, leaves = build_template()
-        sized = _sized_template(path, flat, leaves)
+        flat, leaves = build_template(manifest.world_size)
+        layout = f"it was saved by {manifest.world_size} ranks and this job runs {comm.world_size}"
+        sized = _sized_template(path, flat, leaves, layout)
         try:
             with comm.quiet_single_process():
                 dcp.load(sized, storage_reader=dcp.FileSystemReader(path), process_group=comm.group)
