@@ -100,6 +100,31 @@ def command_demo(args: argparse.Namespace) -> int:
                     keep=args.keep_files)
 
 
+def command_convert(args: argparse.Namespace) -> int:
+    from resilient.convert import checkpoint_to_file, checkpoint_to_safetensors, file_to_checkpoint
+    from resilient.errors import ResilientError
+
+    src, dst = Path(args.src), Path(args.dst)
+    try:
+        if src.is_dir():
+            if args.safetensors:
+                checkpoint_to_safetensors(src, dst)
+            else:
+                checkpoint_to_file(src, dst, model_only=args.model_only)
+        elif src.is_file():
+            if args.model_only or args.safetensors:
+                print("error: --model-only and --safetensors apply to a checkpoint directory as SRC", file=sys.stderr)
+                return 2
+            file_to_checkpoint(src, dst)
+        else:
+            print(f"error: {src} does not exist", file=sys.stderr)
+            return 2
+    except (ResilientError, ManifestError, OSError) as err:
+        print(f"error: converting {src} failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resilient",
@@ -117,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     latest = commands.add_parser("latest", help="print the path of the latest complete checkpoint")
     latest.add_argument("dir", help="checkpoint directory of a run")
     latest.set_defaults(func=command_latest)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint directory to one torch.save file, or such a file back",
+        description="With a checkpoint directory as SRC, write DST as one file that torch.load(weights_only=True) "
+                    "reads. With such a file as SRC, write a committed checkpoint into the checkpoint directory "
+                    "DST, which resilient resumes from.")
+    convert.add_argument("src", help="checkpoint directory (step_NNNNNNNNN) or a file made by convert")
+    convert.add_argument("dst", help="output file, or the checkpoint directory of a run")
+    convert.add_argument("--model-only", action="store_true",
+                         help="write only the model's state_dict (parameters and rank 0's buffers)")
+    convert.add_argument("--safetensors", action="store_true",
+                         help="write the model weights as safetensors (needs the safetensors package)")
+    convert.set_defaults(func=command_convert)
 
     demo = commands.add_parser("demo", help="preempt a 2-rank training job, resume it and compare with an "
                                             "uninterrupted run")

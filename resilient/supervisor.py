@@ -234,6 +234,10 @@ class Supervisor:
         rank = self.rank if source_rank is None else source_rank
         return self._registered.state_tree(rank, self.trainer, data)
 
+    def _flatten_for_save(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        flat, leaves = flatten(self._state_tree())
+        return flat, [leaf.key for leaf in leaves if leaf.is_json]
+
     def _source_rank(self, saved_world_size: int) -> int:
         """Return the saved rank whose per-rank state this rank loads: its own, or rank 0's when it is new."""
         return self.rank if self.rank < saved_world_size else 0
@@ -466,7 +470,7 @@ class Supervisor:
         step = self.trainer.step
         result = save_checkpoint(
             comm, self.config.root, run_id=self._run_id, step=step, reason=reason,
-            flatten_state=lambda: flatten(self._state_tree())[0], trainer=self.trainer.state_dict(),
+            flatten_state=self._flatten_for_save, trainer=self.trainer.state_dict(),
         )
         self._last_saved_step = step
         self.last_save = result

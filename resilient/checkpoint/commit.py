@@ -94,7 +94,7 @@ def _raise_if_any_failed(comm: Comm, phase: str, errors: list[str | None], stagi
     raise CheckpointError(f"checkpoint save aborted in the {phase} phase, no marker written ({summary})")
 
 
-def _report_files(staging: Path, rank: int) -> list[FileEntry]:
+def report_files(staging: Path, rank: int) -> list[FileEntry]:
     """fsync and checksum the files this rank wrote (and ``.metadata`` on rank 0)."""
     names = sorted(name for name in os.listdir(staging) if name.startswith(f"__{rank}_"))
     if rank == 0 and (staging / ".metadata").exists():
@@ -107,7 +107,7 @@ def _report_files(staging: Path, rank: int) -> list[FileEntry]:
     return entries
 
 
-def _publish(staging: Path, final: Path, manifest: Manifest) -> None:
+def publish(staging: Path, final: Path, manifest: Manifest) -> None:
     """Write the marker, then move the staging directory to its final name (rank 0 only)."""
     write_json_atomic(staging / MARKER_NAME, manifest.to_json())
     if final.exists():
@@ -137,7 +137,7 @@ def save_checkpoint(
     run_id: str,
     step: int,
     reason: str,
-    flatten_state: Callable[[], Mapping[str, torch.Tensor]],
+    flatten_state: Callable[[], tuple[Mapping[str, torch.Tensor], list[str]]],
     trainer: Mapping[str, Any],
 ) -> SaveResult:
     """Save and commit one checkpoint. Collective: every rank of ``comm`` must call it.
@@ -164,17 +164,19 @@ def save_checkpoint(
 
     # Phase 2: prepare.
     flat: Mapping[str, torch.Tensor] = {}
+    json_keys: list[str] = []
     prints: dict[str, str] = {}
     error = None
     try:
-        flat = flatten_state()
+        flat, json_keys = flatten_state()
         prints = fingerprints(flat) if comm.distributed else {}
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = _local_error("collecting state", err)
         log.error("Collecting state for step %d failed:\n%s", step, traceback.format_exc())
-    gathered = comm.all_gather_object((error, prints))
-    _raise_if_any_failed(comm, "prepare", [rank_error for rank_error, _ in gathered], staging)
-    conflicts = find_conflicts([rank_prints for _, rank_prints in gathered])
+    gathered = comm.all_gather_object((error, prints, json_keys))
+    _raise_if_any_failed(comm, "prepare", [rank_error for rank_error, _, _ in gathered], staging)
+    conflicts = find_conflicts([rank_prints for _, rank_prints, _ in gathered])
+    all_json_keys = sorted({key for _, _, rank_keys in gathered for key in rank_keys})
     if conflicts:
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -199,7 +201,7 @@ def save_checkpoint(
     entries: list[FileEntry] = []
     error = None
     try:
-        entries = _report_files(staging, comm.rank)
+        entries = report_files(staging, comm.rank)
         fsync_dir(staging)
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = _local_error("syncing and checksumming files", err)
@@ -209,7 +211,7 @@ def save_checkpoint(
     outcome: tuple[int, str | None] = (0, None)
     if comm.rank == 0:
         outcome = _commit(root, staging, reports, run_id=run_id, step=step, reason=reason,
-                          world_size=comm.world_size, trainer=trainer, started=started)
+                          world_size=comm.world_size, trainer=trainer, started=started, json_keys=all_json_keys)
     total_bytes, error = comm.broadcast_object(outcome)
     if error:
         raise CheckpointError(f"checkpoint save of step {step} was not committed: {error}")
@@ -220,7 +222,8 @@ def save_checkpoint(
 
 
 def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step: int, reason: str,
-            world_size: int, trainer: Mapping[str, Any], started: float) -> tuple[int, str | None]:
+            world_size: int, trainer: Mapping[str, Any], started: float,
+            json_keys: list[str]) -> tuple[int, str | None]:
     failed = {rank: err for rank, (_entries, err) in enumerate(reports) if err}
     if len(reports) != world_size or failed:
         shutil.rmtree(staging, ignore_errors=True)
@@ -232,9 +235,9 @@ def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step:
     files = tuple(entry for entries, _err in reports for entry in entries)
     manifest = Manifest(step=step, reason=reason, world_size=world_size, run_id=run_id, files=files,
                         created_at=time.time(), save_seconds=time.monotonic() - started,
-                        trainer=dict(trainer), versions=current_versions())
+                        trainer=dict(trainer), versions=current_versions(), json_keys=tuple(json_keys))
     try:
-        _publish(staging, root / checkpoint_name(step), manifest)
+        publish(staging, root / checkpoint_name(step), manifest)
     except Exception as err:  # noqa: BLE001 - every rank must hear about it through the broadcast
         log.error("Committing step %d failed: %s", step, err)
         if staging.exists():

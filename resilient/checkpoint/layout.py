@@ -108,6 +108,8 @@ class Manifest:
     trainer: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     checksum_algorithm: str = CHECKSUM_ALGORITHM
+    #: Keys whose uint8 tensor holds JSON-encoded non-tensor state (see resilient.codec).
+    json_keys: tuple[str, ...] = ()
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -172,7 +174,14 @@ class Manifest:
             trainer=dict(payload.get("trainer") or {}),
             versions=dict(payload.get("versions") or {}),
             checksum_algorithm=need("checksum_algorithm", str),
+            json_keys=_string_tuple(payload.get("json_keys", []), "json_keys"),
         )
+
+
+def _string_tuple(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ManifestError(f"field {name!r} must be a list of strings")
+    return tuple(value)
 
 
 def read_manifest(checkpoint: Path) -> Manifest:
