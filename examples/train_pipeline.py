@@ -131,7 +131,7 @@ def train(args: argparse.Namespace, config: resilient.Config) -> None:
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
     with resilient.Supervisor(config) as sup:
-        sup.register(model=stage_module, optimizer=optimizer, scheduler=scheduler)
+        sup.register(model=stage_module, optimizer=optimizer, scheduler=scheduler, pipeline_stages=NUM_STAGES)
         for step, (inputs, targets) in sup.train(loader, args.max_steps):
             optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []

@@ -104,8 +104,24 @@ class Registered:
     schedulers: Sequence[Any] = ()
     scaler: Any = None
     stateful: Mapping[str, Stateful] = field(default_factory=dict)
+    pipeline_stages: int | None = None
+
+    def layout(self) -> dict[str, Any]:
+        """Return the parallel layout: pipeline stages (as registered) and the device mesh of sharded parameters."""
+        mesh_shape = None
+        if self.model is not None:
+            for parameter in self.model.parameters():
+                mesh = getattr(parameter, "device_mesh", None)
+                if mesh is not None:
+                    mesh_shape = list(mesh.shape)
+                    break
+        return {"pipeline_stages": self.pipeline_stages, "mesh_shape": mesh_shape}
 
     def validate(self) -> None:
+        if self.pipeline_stages is not None and (isinstance(self.pipeline_stages, bool)
+                                                 or not isinstance(self.pipeline_stages, int)
+                                                 or self.pipeline_stages < 1):
+            raise ValueError(f"pipeline_stages must be an integer of at least 1, got {self.pipeline_stages!r}")
         if self.optimizers and self.model is None:
             raise ValueError("optimizers were registered without a model; pass model= as well")
         for name, obj in self.stateful.items():

@@ -146,13 +146,18 @@ class Supervisor:
         schedulers: Sequence[Any] = (),
         scaler: Any = None,
         stateful: Mapping[str, Stateful] | None = None,
+        pipeline_stages: int | None = None,
     ) -> "Supervisor":
-        """Name the objects whose state is saved and restored. Call before :meth:`resume`."""
+        """Name the objects whose state is saved and restored. Call before :meth:`resume`.
+
+        ``pipeline_stages`` is recorded in the manifest, so a resume with another
+        number of stages fails with a clear message instead of missing keys.
+        """
         if self._resumed:
             raise RuntimeError("register() must be called before resume(), train() or steps()")
         self._registered = Registered(model=model, optimizers=_as_list(optimizer, optimizers),
                                       schedulers=_as_list(scheduler, schedulers), scaler=scaler,
-                                      stateful=dict(stateful or {}))
+                                      stateful=dict(stateful or {}), pipeline_stages=pipeline_stages)
         self._registered.validate()
         return self
 
@@ -261,7 +266,7 @@ class Supervisor:
             return flatten(like)
 
         loaded = load_latest(comm, self.config.root, self._run_id, build_template=build_template,
-                             resume_from=resume_from)
+                             resume_from=resume_from, pipeline_stages=self._registered.pipeline_stages)
         self._resumed = True
         if loaded is None:
             log.info("No complete checkpoint in %s; starting run %s from step 0.", self.config.root, self._run_id)
@@ -470,7 +475,7 @@ class Supervisor:
         step = self.trainer.step
         result = save_checkpoint(
             comm, self.config.root, run_id=self._run_id, step=step, reason=reason,
-            flatten_state=self._flatten_for_save, trainer=self.trainer.state_dict(),
+            flatten_state=self._flatten_for_save, trainer=self.trainer.state_dict(), layout=self._registered.layout(),
         )
         self._last_saved_step = step
         self.last_save = result

@@ -277,3 +277,25 @@ def test_grad_scaler_state_resumes(tmp_path: Path) -> None:
 
     assert saved["scale"] == 1024.0 * 2**2
     assert restored.state_dict() == saved
+
+
+def test_pipeline_stage_change_rejected(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    model, optimizer = tiny()
+    with Supervisor(ckpt_dir=ckpt) as sup:
+        sup.register(model=model, optimizer=optimizer, pipeline_stages=2)
+        for _ in sup.steps(3):
+            train_step(model, optimizer)
+    manifest = json.loads((ckpt / "step_000000003" / "manifest.json").read_text())
+    assert manifest["layout"] == {"pipeline_stages": 2, "mesh_shape": None, "world_size": 1}
+
+    model, optimizer = tiny()
+    with Supervisor(ckpt_dir=ckpt) as sup:
+        sup.register(model=model, optimizer=optimizer, pipeline_stages=3)
+        with pytest.raises(CheckpointLoadError) as raised:
+            sup.resume()
+
+    message = str(raised.value)
+    assert "saved with 2 pipeline stages on 1 ranks" in message
+    assert "this job runs 3 stages on 1 ranks" in message
+    assert "restart with 2 stages" in message

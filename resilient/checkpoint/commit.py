@@ -139,6 +139,7 @@ def save_checkpoint(
     reason: str,
     flatten_state: Callable[[], tuple[Mapping[str, torch.Tensor], list[str]]],
     trainer: Mapping[str, Any],
+    layout: Mapping[str, Any] | None = None,
 ) -> SaveResult:
     """Save and commit one checkpoint. Collective: every rank of ``comm`` must call it.
 
@@ -211,7 +212,8 @@ def save_checkpoint(
     outcome: tuple[int, str | None] = (0, None)
     if comm.rank == 0:
         outcome = _commit(root, staging, reports, run_id=run_id, step=step, reason=reason,
-                          world_size=comm.world_size, trainer=trainer, started=started, json_keys=all_json_keys)
+                          world_size=comm.world_size, trainer=trainer, started=started, json_keys=all_json_keys,
+                          layout=dict(layout or {}, world_size=comm.world_size))
     total_bytes, error = comm.broadcast_object(outcome)
     if error:
         raise CheckpointError(f"checkpoint save of step {step} was not committed: {error}")
@@ -223,7 +225,7 @@ def save_checkpoint(
 
 def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step: int, reason: str,
             world_size: int, trainer: Mapping[str, Any], started: float,
-            json_keys: list[str]) -> tuple[int, str | None]:
+            json_keys: list[str], layout: dict[str, Any]) -> tuple[int, str | None]:
     failed = {rank: err for rank, (_entries, err) in enumerate(reports) if err}
     if len(reports) != world_size or failed:
         shutil.rmtree(staging, ignore_errors=True)
@@ -235,7 +237,8 @@ def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step:
     files = tuple(entry for entries, _err in reports for entry in entries)
     manifest = Manifest(step=step, reason=reason, world_size=world_size, run_id=run_id, files=files,
                         created_at=time.time(), save_seconds=time.monotonic() - started,
-                        trainer=dict(trainer), versions=current_versions(), json_keys=tuple(json_keys))
+                        trainer=dict(trainer), versions=current_versions(), json_keys=tuple(json_keys),
+                        layout=layout)
     try:
         publish(staging, root / checkpoint_name(step), manifest)
     except Exception as err:  # noqa: BLE001 - every rank must hear about it through the broadcast

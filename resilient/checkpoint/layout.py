@@ -106,6 +106,8 @@ class Manifest:
     created_at: float
     save_seconds: float
     trainer: dict[str, Any] = field(default_factory=dict)
+    #: Parallel layout: ``world_size``, ``pipeline_stages`` and ``mesh_shape`` (None when unknown).
+    layout: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     checksum_algorithm: str = CHECKSUM_ALGORITHM
     #: Keys whose uint8 tensor holds JSON-encoded non-tensor state (see resilient.codec).
@@ -175,7 +177,16 @@ class Manifest:
             versions=dict(payload.get("versions") or {}),
             checksum_algorithm=need("checksum_algorithm", str),
             json_keys=_string_tuple(payload.get("json_keys", []), "json_keys"),
+            layout=_mapping(payload.get("layout"), "layout"),
         )
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ManifestError(f"field {name!r} must be an object, found {type(value).__name__}")
+    return dict(value)
 
 
 def _string_tuple(value: Any, name: str) -> tuple[str, ...]:

@@ -110,6 +110,7 @@ def load_latest(
     *,
     build_template: Callable[[int], tuple[dict[str, torch.Tensor], list[Leaf]]],
     resume_from: Path | None = None,
+    pipeline_stages: int | None = None,
 ) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
     """Load the newest complete checkpoint that verifies. Collective.
 
@@ -144,6 +145,14 @@ def load_latest(
                 log.error("Checkpoint %s is corrupt (%s): %s", path, action, "; ".join(all_problems))
             continue
 
+        saved_stages = manifest.layout.get("pipeline_stages")
+        if pipeline_stages is not None and saved_stages is not None and saved_stages != pipeline_stages:
+            raise CheckpointLoadError(
+                f"checkpoint {path} was saved with {saved_stages} pipeline stages on {manifest.world_size} ranks, "
+                f"but this job runs {pipeline_stages} stages on {comm.world_size} ranks. Pipeline stages cannot be "
+                f"resharded; restart with {saved_stages} stages, or convert the checkpoint with `resilient convert` "
+                "and regroup its keys by hand."
+            )
         flat, leaves = build_template(manifest.world_size)
         layout = f"it was saved by {manifest.world_size} ranks and this job runs {comm.world_size}"
         sized = _sized_template(path, flat, leaves, layout)
