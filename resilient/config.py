@@ -31,6 +31,9 @@ class Config:
         resume_from: Resume from this checkpoint directory instead of the newest complete one.
         exit_on_preemption: After the preemption checkpoint, raise ``Preempted`` (exit status 75).
             When False the step loop just ends and ``Supervisor.preempted`` is True.
+        grace_period: Seconds between a stop signal and the scheduler's SIGKILL (SLURM's KillWait,
+            30 s by default). When set, resilient warns once measured step and save times show that
+            a stop with this ``check_every`` would not be saved in time.
         data_on_resize: What ``train()`` does when resuming mid-epoch at another world size with a
             sampler that cannot redistribute the rest of the epoch (anything but ``ResumableSampler``):
             ``"error"`` raises ConfigError; ``"restart_epoch"`` starts that epoch over, so samples
@@ -47,6 +50,7 @@ class Config:
     resume_from: str | os.PathLike | None = None
     exit_on_preemption: bool = True
     data_on_resize: str = "error"
+    grace_period: float | None = None
 
     def __post_init__(self) -> None:
         if not str(self.ckpt_dir):
@@ -66,6 +70,10 @@ class Config:
             object.__setattr__(self, "signals", tuple(sig.name for sig in parsed))
         else:
             signals_from_env()  # reject an invalid RESILIENT_SIGNALS now, not at install time
+        if self.grace_period is not None and (isinstance(self.grace_period, bool)
+                                              or not isinstance(self.grace_period, (int, float))
+                                              or not self.grace_period > 0):
+            raise ConfigError(f"grace_period must be a positive number of seconds or None, got {self.grace_period!r}")
         if self.data_on_resize not in DATA_ON_RESIZE:
             raise ConfigError(f"data_on_resize must be one of {', '.join(map(repr, DATA_ON_RESIZE))}, "
                               f"got {self.data_on_resize!r}")

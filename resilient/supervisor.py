@@ -101,6 +101,8 @@ class Supervisor:
         self._stream: BatchStream | None = None
         self._saved_data: dict[str, Any] = {}
         self._closed = False
+        self._grace_warned = False
+        self._step_seconds: float | None = None
 
         self.recorder = SignalRecorder(self.config.signals)
         self.recorder.install()
@@ -365,6 +367,7 @@ class Supervisor:
             step = self.trainer.step + 1
             CONTEXT.step = step
             self._in_step = step
+            step_started = time.monotonic()
             try:
                 yield step
             except GeneratorExit:
@@ -373,6 +376,7 @@ class Supervisor:
                 raise
             self._in_step = None
             self.trainer.step = step
+            self._check_grace_period(step, time.monotonic() - step_started)
             if self._after_step(step, max_steps):
                 break
         assert self._agreement is not None
@@ -409,6 +413,29 @@ class Supervisor:
         if self._pending_rng is not None:
             restore_rng(self._pending_rng)
             self._pending_rng = None
+
+    def _check_grace_period(self, step: int, seconds: float) -> None:
+        """Warn once when a stop signal could not be turned into a committed checkpoint within the grace period."""
+        grace = self.config.grace_period
+        if grace is None or self._grace_warned:
+            return
+        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
+        if step < 3:
+            return
+        # With the overlapped agreement a signal takes effect up to two checks later.
+        lag_steps = 2 * self.config.check_every
+        save_seconds = self.last_save.seconds if self.last_save is not None else 0.0
+        worst = lag_steps * self._step_seconds + save_seconds
+        if worst <= grace:
+            return
+        self._grace_warned = True
+        fitting = max(1, int((grace - save_seconds) / (2 * self._step_seconds))) if grace > save_seconds else None
+        advice = (f"set check_every to {fitting} or less" if fitting is not None
+                  else "the save alone takes longer, so make checkpoints smaller or ask for a longer grace period")
+        log.warning("A stop signal may not be saved within grace_period=%.0f s: with check_every=%d and steps of "
+                    "%.2f s it takes effect up to %.1f s later, and the last save took %.1f s; %s.", grace,
+                    self.config.check_every, self._step_seconds, lag_steps * self._step_seconds, save_seconds,
+                    advice)
 
     def _after_step(self, step: int, max_steps: int) -> bool:
         """Run the step-boundary decisions; return True when the loop must end."""

@@ -81,3 +81,18 @@ def test_plain_sampler_resize_rejected(tmp_path: Path) -> None:
     restarted = run_to_end(resize_command(2, ckpt, 32, seen), job_env(RESIZE_SAMPLER="plain",
                                                                       RESIZE_DATA_ON_RESIZE="restart_epoch"))
     assert "Restarting epoch 1 from its first batch" in restarted.output
+
+
+def test_fsdp_shards_reload_at_other_size(tmp_path: Path) -> None:
+    from jobs import TRAIN_LM
+
+    ckpt = tmp_path / "ckpt"
+    args = ["--ckpt-dir", str(ckpt), "--max-steps", "4", "--save-every", "2", "--fsdp",
+            "--d-model", "64", "--layers", "2", "--batch-size", "4", "--data-bytes", "40000"]
+    finished = run_to_end(torchrun_command(TRAIN_LM, *args, nproc=2))
+
+    # 4 steps are done, so the 3-rank job only loads the shards, reshards them, and reports the digest.
+    resumed = run_to_end(torchrun_command(TRAIN_LM, *args, nproc=3))
+
+    assert "Resuming 3 ranks from a checkpoint of 2 ranks" in resumed.output
+    assert resumed.digest() == finished.digest()

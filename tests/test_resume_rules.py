@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +301,27 @@ def test_pipeline_stage_change_rejected(tmp_path: Path) -> None:
     assert "saved with 2 pipeline stages on 1 ranks" in message
     assert "this job runs 3 stages on 1 ranks" in message
     assert "restart with 2 stages" in message
+
+
+def test_grace_period_warning_names_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="resilient")
+    model, optimizer = tiny()
+    with Supervisor(ckpt_dir=tmp_path / "ckpt", check_every=50, grace_period=1.0) as sup:
+        sup.register(model=model, optimizer=optimizer)
+        for _ in sup.steps(5):
+            train_step(model, optimizer)
+            time.sleep(0.05)
+
+    assert caplog.text.count("may not be saved within grace_period=1 s") == 1
+    assert "with check_every=50" in caplog.text
+    # About 1 s / (2 x 0.05 s per step) = 10; the step time varies with machine load.
+    suggested = re.search(r"set check_every to (\d+) or less", caplog.text)
+    assert suggested is not None
+    assert 1 <= int(suggested.group(1)) <= 10
+
+
+def test_grace_period_fits_silently(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="resilient")
+    run_steps(tmp_path / "ckpt", 5, grace_period=30.0)
+
+    assert "grace_period" not in caplog.text
