@@ -15,7 +15,6 @@ On an agreed preemption every rank saves the same step, and then raises
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,19 +26,7 @@ from torch.utils.data import DataLoader
 from resilient._logging import CONTEXT, get_logger
 from resilient.agreement import Agreement, StopReason
 from resilient.checkpoint.commit import SaveResult, save_checkpoint
-from resilient.checkpoint.discovery import COMPLETE, scan
-from resilient.checkpoint.layout import (
-    REASONS,
-    Manifest,
-    ManifestError,
-    aside_name,
-    new_run_id,
-    parse_dir_name,
-    read_run_id,
-    record_resume_from,
-    resume_from_applied,
-    write_run_id,
-)
+from resilient.checkpoint.layout import REASONS, Manifest, ManifestError, record_resume_from
 from resilient.checkpoint.load import load_latest
 from resilient.checkpoint.retention import apply_retention
 from resilient.codec import flatten, unflatten
@@ -47,9 +34,10 @@ from resilient.comm import Comm
 from resilient.config import Config
 from resilient.data import BatchStream
 from resilient.errors import CheckpointError, ConfigError, Preempted
+from resilient.run_dir import pending_resume_from, prepare_run_dir, set_aside_newer
 from resilient.signals import SignalRecorder
-from resilient.validation import check_disk_space, warn_on_version_change
 from resilient.state import Registered, Stateful, TrainerState, restore_rng
+from resilient.validation import check_disk_space, warn_on_version_change
 
 log = get_logger(__name__)
 
@@ -179,8 +167,8 @@ class Supervisor:
         outcome: tuple[str | None, str | None, str | None] = (None, None, None)
         if comm.rank == 0:
             try:
-                run_id = self._run_id_on_rank0()
-                resume_from = self._pending_resume_from()
+                run_id = prepare_run_dir(self.config.root, self.config.run_id)
+                resume_from = pending_resume_from(self.config.root, self.config.resume_from)
                 outcome = (run_id, str(resume_from) if resume_from else None, None)
             except (ConfigError, ManifestError) as err:
                 outcome = (None, None, str(err))
@@ -191,49 +179,6 @@ class Supervisor:
         if error:
             raise ConfigError(error)
         return run_id, Path(resume_from) if resume_from else None
-
-    def _pending_resume_from(self) -> Path | None:
-        """Return ``config.resume_from`` unless an earlier start of this run already applied it.
-
-        A job script that keeps the setting across requeues would otherwise roll
-        back to the same checkpoint at every restart and lose its progress.
-        """
-        if self.config.resume_from is None:
-            return None
-        checkpoint = Path(self.config.resume_from).expanduser()
-        applied_at = resume_from_applied(self.config.root, checkpoint)
-        if applied_at is None:
-            return checkpoint
-        log.info("resume_from=%s was already applied at %s; resuming from the newest checkpoint instead.",
-                 checkpoint, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(applied_at)))
-        return None
-
-    def _run_id_on_rank0(self) -> str:
-        root = self.config.root
-        root.mkdir(parents=True, exist_ok=True)
-        # Fail now rather than at the first save, possibly hours into the run.
-        probe = root / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        stored = read_run_id(root)
-        requested_id = self.config.run_id
-        if requested_id is not None and stored is not None and stored != requested_id:
-            raise ConfigError(
-                f"checkpoint directory {root} belongs to run {stored!r}, but run_id={requested_id!r} was requested. "
-                "Use another directory for a different run, or drop run_id to continue the existing one."
-            )
-        if stored is not None:
-            return stored
-        run_id = requested_id
-        if run_id is None:
-            adopted = [info for info in scan(root) if info.status == COMPLETE and info.manifest is not None]
-            if adopted:
-                run_id = adopted[-1].manifest.run_id
-                log.warning("%s has no run.json; adopting run id %s from %s.", root, run_id, adopted[-1].path)
-            else:
-                run_id = new_run_id()
-        write_run_id(root, run_id)
-        return run_id
 
     def _state_tree(self, source_rank: int | None = None) -> dict[str, Any]:
         data = self._stream.state() if self._stream is not None else {"epoch_rng": None, "loader_rng": None,
@@ -290,7 +235,7 @@ class Supervisor:
         error = None
         if comm.rank == 0:
             try:
-                check_disk_space(self.config.root, lower, upper)
+                check_disk_space(self.config.root, lower, upper, one_on_disk=manifest is not None)
             except ConfigError as err:
                 error = str(err)
         error = comm.broadcast_object(error)
@@ -318,31 +263,12 @@ class Supervisor:
         self._last_saved_step = manifest.step
         self.resumed_from = Path(resume_from) if resume_from else self.config.root / f"step_{manifest.step:09d}"
         if resume_from is not None and comm.rank == 0:
-            self._set_aside_newer(manifest.step)
+            set_aside_newer(self.config.root, self._run_id, manifest.step)
             record_resume_from(self.config.root, resume_from)
         log.info("Resumed from %s (step %d, %s, saved by %d ranks) in %.2f s.", self.resumed_from, manifest.step,
                  manifest.reason, manifest.world_size, time.monotonic() - started)
         if comm.rank == 0:
             warn_on_version_change(manifest, self.resumed_from)
-
-    def _set_aside_newer(self, step: int) -> None:
-        """Rename this run's checkpoints newer than ``step`` so discovery and retention ignore them.
-
-        After an explicit roll-back to an older checkpoint, the abandoned newer
-        ones would otherwise be picked again at the next restart.
-        """
-        for info in scan(self.config.root, self._run_id):
-            if info.step <= step or parse_dir_name(info.path.name) != (info.step, "final"):
-                continue
-            if info.manifest is not None and info.manifest.run_id != self._run_id:
-                continue
-            aside = info.path.with_name(aside_name(info.step, "superseded"))
-            try:
-                os.rename(info.path, aside)
-            except OSError as err:
-                log.error("Could not set aside %s after resuming from step %d: %s", info.path, step, err)
-                continue
-            log.warning("Resumed from the older step %d, so %s was renamed to %s.", step, info.path, aside)
 
     # -- step loop --------------------------------------------------------------
 

@@ -21,28 +21,30 @@ def _gigabytes(count: float) -> str:
     return f"{count / 1e9:.2f} GB"
 
 
-def check_disk_space(root: Path, lower_bytes: int, upper_bytes: int) -> None:
+def check_disk_space(root: Path, lower_bytes: int, upper_bytes: int, *, one_on_disk: bool = False) -> None:
     """Raise ConfigError when ``root`` clearly lacks room for two checkpoints; warn when it may.
 
     ``lower_bytes`` and ``upper_bytes`` bound the size of one checkpoint: the
     size is exact after a first save, and before it ranks may or may not hold
-    replicated state that DCP stores once.
+    replicated state that DCP stores once. With ``one_on_disk`` a complete
+    checkpoint already takes its space, so room for one more is enough.
     """
+    count = CHECKPOINTS_ON_DISK - 1 if one_on_disk else CHECKPOINTS_ON_DISK
     try:
         free = shutil.disk_usage(root).free
     except OSError as err:
         log.warning("Cannot read the free space of %s (%s); not checking that two checkpoints fit.", root, err)
         return
-    needed = CHECKPOINTS_ON_DISK * lower_bytes
+    needed = count * lower_bytes
     if free < needed:
         raise ConfigError(
-            f"ckpt_dir {str(root)!r} has {_gigabytes(free)} free, but two checkpoints of this job need at least "
-            f"{_gigabytes(needed)} (the newest complete one stays while the next is written). Free space there "
+            f"ckpt_dir {str(root)!r} has {_gigabytes(free)} free, but this job needs at least {_gigabytes(needed)} "
+            "there, because the newest complete checkpoint stays while the next is written. Free space there "
             "or pass a ckpt_dir on a larger filesystem."
         )
-    if free < CHECKPOINTS_ON_DISK * upper_bytes:
-        log.warning("%s has %s free; two checkpoints need between %s and %s, so a save may fail for lack of space.",
-                    root, _gigabytes(free), _gigabytes(needed), _gigabytes(CHECKPOINTS_ON_DISK * upper_bytes))
+    if free < count * upper_bytes:
+        log.warning("%s has %s free; the next checkpoint needs between %s and %s, so a save may fail for lack "
+                    "of space.", root, _gigabytes(free), _gigabytes(needed), _gigabytes(count * upper_bytes))
 
 
 def _major_minor(version: str) -> str:

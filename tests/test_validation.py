@@ -37,7 +37,7 @@ def test_too_little_space_rejected_at_start(small_tmpfs: Path) -> None:
     message = str(raised.value)
     assert "ckpt_dir" in message
     assert str(small_tmpfs) in message
-    assert "two checkpoints of this job need at least 0.01 GB" in message
+    assert "this job needs at least 0.01 GB there" in message
 
 
 def test_enough_space_passes(small_tmpfs: Path) -> None:
@@ -54,6 +54,15 @@ def test_possible_shortage_only_warns(tmp_path: Path, caplog: pytest.LogCaptureF
     check_disk_space(tmp_path, lower_bytes=1, upper_bytes=free)
 
     assert "a save may fail for lack of space" in caplog.text
+
+
+def test_existing_checkpoint_counts_as_one(tmp_path: Path) -> None:
+    free = __import__("shutil").disk_usage(tmp_path).free
+    size = int(free * 0.6)
+
+    with pytest.raises(ConfigError):
+        check_disk_space(tmp_path, lower_bytes=size, upper_bytes=size)
+    check_disk_space(tmp_path, lower_bytes=size, upper_bytes=size, one_on_disk=True)
 
 
 def manifest_with_torch(version: str) -> Manifest:
