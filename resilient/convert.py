@@ -1,6 +1,6 @@
 """Convert between a resilient (DCP) checkpoint and one ``torch.save`` file.
 
-A file holds ``{"format": "resilient-flat", "format_version": 1, "step", "world_size", "run_id",
+A file contains ``{"format": "resilient-flat", "format_version": 1, "step", "world_size", "run_id",
 "json_keys", "state"}``, where ``state`` maps every flat checkpoint key to a tensor or, for
 the keys in ``json_keys``, to the decoded Python value. ``torch.load(path, weights_only=True)``
 reads it. With ``model_only`` the file is a plain model ``state_dict`` (parameters and rank 0's

@@ -25,8 +25,9 @@ def prepare_run_dir(root: Path, requested_id: str | None) -> str:
     """Create ``root`` if needed, check that it is writable, and return the run id stored there.
 
     Without ``run.json`` the id is ``requested_id``, else the id of the newest
-    complete checkpoint (adopted with a warning), else a new one; it is written
-    to ``run.json``. Raises ConfigError when ``requested_id`` differs from the stored id.
+    complete checkpoint (adopted with a warning), else a new one. That id is
+    written to ``run.json``. Raises ConfigError when ``requested_id`` differs
+    from the stored id.
     """
     root.mkdir(parents=True, exist_ok=True)
     # Fail now rather than at the first save, possibly hours into the run.
