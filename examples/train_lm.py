@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    resilient.init_process_group("gloo")
     try:
         train(args, config)
     finally:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Config": "resilient.config",
     "ResumableSampler": "resilient.data",
     "state_digest": "resilient.digest",
+    "init_process_group": "resilient.distributed",
     "tree_digest": "resilient.digest",
     "EXIT_PREEMPTED": "resilient.errors",
     "CheckpointError": "resilient.errors",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,10 +126,58 @@ def command_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from resilient.errors import ConfigError
+    from resilient.launcher import LaunchOptions, Launcher
+    from resilient.signals import parse_signals
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    try:
+        options = LaunchOptions(
+            command=tuple(command), ckpt_dir=Path(args.ckpt_dir) if args.ckpt_dir else None,
+            signals=parse_signals(part for part in args.signals.split(",") if part.strip()),
+            grace=args.grace, max_restarts=args.max_restarts, backoff=args.backoff, hang_timeout=args.hang_timeout,
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="[resilient run] %(asctime)s %(levelname)s %(message)s")
+    if options.ckpt_dir is None:
+        logging.getLogger("resilient.launcher").warning(
+            "No --ckpt-dir: no event journal, and the attempt counter starts at 1 on every launch.")
+    return Launcher(options).run()
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from resilient.journal import journal_path, read_journal
+    from resilient.launcher.status import render_json, render_table
+
+    root = Path(args.dir)
+    failed = _require_dir(root)
+    if failed is not None:
+        return failed
+    contents = read_journal(root)
+    if args.json:
+        print(render_json(contents))
+        return 0
+    if not contents.events:
+        print(f"no events in {journal_path(root)}")
+        return 0
+    print(render_table(contents))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resilient",
-        description="Preemption-safe PyTorch training: inspect checkpoints and run the demo.",
+        description="Preemption-safe PyTorch training: supervise a training command, inspect checkpoints and "
+                    "run the demo.",
         epilog=f"Exit statuses of training processes: 0 finished, {EXIT_PREEMPTED} preempted with a "
                "checkpoint committed (restart the same command), anything else a failure.",
     )
@@ -155,6 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--safetensors", action="store_true",
                          help="write the model weights as safetensors (needs the safetensors package)")
     convert.set_defaults(func=command_convert)
+
+    run = commands.add_parser(
+        "run", help="run a training command: relay stop signals, enforce the grace period, restart",
+        description="Start COMMAND in its own session and supervise its whole process tree: relay stop signals "
+                    "to every process that handles them, SIGKILL what is left after the grace period, restart "
+                    "after crashes and hangs, and record events in CKPT_DIR/journal.jsonl. Exit statuses: 0 "
+                    f"finished; {EXIT_PREEMPTED} stopped with a checkpoint committed (run it again); 124 hung with "
+                    "no restarts left; 137 killed after the grace period; 127 command not found; otherwise the "
+                    "command's own status.")
+    run.add_argument("--ckpt-dir", default=os.environ.get("RESILIENT_CKPT_DIR") or None,
+                     help="the run's checkpoint directory, for the journal and the attempt counter "
+                          "(default: $RESILIENT_CKPT_DIR)")
+    run.add_argument("--grace", type=float, default=30.0,
+                     help="seconds from the first stop signal until what is left is SIGKILLed (default 30)")
+    run.add_argument("--max-restarts", type=int, default=0,
+                     help="how often to start the command again after a crash or hang (default 0)")
+    run.add_argument("--backoff", type=float, default=1.0,
+                     help="seconds before the first restart, doubled for each further one up to 60 (default 1)")
+    run.add_argument("--hang-timeout", type=float, default=None,
+                     help="seconds without a completed step on any rank before stacks are dumped and the command "
+                          "is killed (default: no watchdog)")
+    run.add_argument("--signals", default="SIGTERM,SIGINT,SIGHUP,SIGUSR1,SIGUSR2",
+                     help="comma-separated stop signals to relay (default SIGTERM,SIGINT,SIGHUP,SIGUSR1,SIGUSR2)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    run.set_defaults(func=command_run)
+
+    status = commands.add_parser("status", help="show the event journal of a run as a timeline")
+    status.add_argument("dir", help="checkpoint directory of a run")
+    status.add_argument("--json", action="store_true", help="print the events as JSON")
+    status.set_defaults(func=command_status)
 
     demo = commands.add_parser("demo", help="preempt a 2-rank training job, resume it and compare with an "
                                             "uninterrupted run")

@@ -34,6 +34,7 @@ from resilient.comm import Comm
 from resilient.config import Config
 from resilient.data import BatchStream
 from resilient.errors import CheckpointError, ConfigError, Preempted
+from resilient.progress import FINISHED, PREEMPTED, ProgressReporter
 from resilient.run_dir import pending_resume_from, prepare_run_dir, set_aside_newer
 from resilient.signals import SignalRecorder
 from resilient.state import Registered, Stateful, TrainerState, restore_rng
@@ -91,6 +92,7 @@ class Supervisor:
         self._closed = False
         self._grace_warned = False
         self._step_seconds: float | None = None
+        self._progress: ProgressReporter | None = None
 
         self.recorder = SignalRecorder(self.config.signals)
         self.recorder.install()
@@ -107,6 +109,8 @@ class Supervisor:
         """Restore the previous signal handlers and release resilient's process group."""
         self._closed = True
         self.recorder.restore()
+        if self._progress is not None:
+            self._progress.close()
         if self._comm is not None:
             # A gloo group left alive at interpreter exit can abort the process
             # ("terminate called without an active exception") instead of exiting 75.
@@ -160,6 +164,7 @@ class Supervisor:
             # init_process_group may have loaded a library that took over a signal.
             self.recorder.ensure_installed()
             self._agreement = Agreement(self._comm, self.recorder, self.config.check_every)
+            self._progress = ProgressReporter(self.config.root, self._comm.rank, self.recorder)
         return self._comm
 
     def _prepare_root(self, comm: Comm) -> tuple[str, Path | None]:
@@ -220,6 +225,8 @@ class Supervisor:
         else:
             self._apply_loaded(comm, *loaded, like=like, resume_from=resume_from, started=started)
         self._check_disk_space(comm, loaded[0] if loaded else None)
+        assert self._progress is not None
+        self._progress.resumed(self.trainer.step, self.resumed_from)
         return self.trainer
 
     def _check_disk_space(self, comm: Comm, manifest: Manifest | None) -> None:
@@ -302,6 +309,8 @@ class Supervisor:
                 raise
             self._in_step = None
             self.trainer.step = step
+            assert self._progress is not None
+            self._progress.step_done(step)
             self._check_grace_period(step, time.monotonic() - step_started)
             if self._after_step(step, max_steps):
                 break
@@ -369,14 +378,19 @@ class Supervisor:
             self._save_requested = None
             if self._last_saved_step != step:
                 self.save("final")
+            assert self._progress is not None
+            self._progress.exiting(step, FINISHED)
             return True
 
         assert self._agreement is not None
         requested, self._save_requested = self._save_requested, None
         if self._agreement.due(step) and self._agreement.agree(step) == StopReason.PREEMPTION:
+            assert self._progress is not None
+            self._progress.stopping(step, "preemption")
             if self._last_saved_step != step:
                 self.save("preemption")
             self.preempted = True
+            self._progress.exiting(step, PREEMPTED)
             path = str(self.config.root / f"step_{step:09d}")
             if self.config.exit_on_preemption:
                 log.info("Exiting with status 75 after the preemption checkpoint of step %d.", step)
@@ -426,12 +440,15 @@ class Supervisor:
         assert self._run_id is not None and self._agreement is not None
         self._agreement.drain()
         step = self.trainer.step
+        assert self._progress is not None
+        self._progress.saving(step)
         result = save_checkpoint(
             comm, self.config.root, run_id=self._run_id, step=step, reason=reason,
             flatten_state=self._flatten_for_save, trainer=self.trainer.state_dict(), layout=self._registered.layout(),
         )
         self._last_saved_step = step
         self.last_save = result
+        self._progress.committed(step, reason, result.total_bytes, result.seconds, result.path)
         if comm.rank == 0:
             try:
                 apply_retention(self.config.root, self._run_id, self.config.keep, committed_step=step)

@@ -4,6 +4,8 @@
 
     CKPT_DIR/
       run.json                      run identity, written once by the first start
+      journal.jsonl                 event journal (resilient.journal)
+      .resilient/                   attempt counter, heartbeats and stacks of resilient run
       step_000000020/               a committed checkpoint
         manifest.json               completion marker, written last
         .metadata                   DCP metadata
