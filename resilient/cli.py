@@ -151,7 +151,12 @@ def command_run(args: argparse.Namespace) -> int:
     if options.ckpt_dir is None:
         logging.getLogger("resilient.launcher").warning(
             "No --ckpt-dir: no event journal, and the attempt counter starts at 1 on every launch.")
-    return Launcher(options).run()
+    try:
+        launcher = Launcher(options)
+    except OSError as err:
+        print(f"error: cannot use --ckpt-dir {options.ckpt_dir}: {err}. Pass a writable directory.", file=sys.stderr)
+        return 2
+    return launcher.run()
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -162,7 +167,16 @@ def command_status(args: argparse.Namespace) -> int:
     failed = _require_dir(root)
     if failed is not None:
         return failed
-    contents = read_journal(root)
+    path = journal_path(root)
+    if path.exists() and not path.is_file():
+        print(f"error: {path} is not a regular file; move it away so that a journal can be written there",
+              file=sys.stderr)
+        return 1
+    try:
+        contents = read_journal(root)
+    except OSError as err:
+        print(f"error: cannot read {path}: {err}", file=sys.stderr)
+        return 1
     if args.json:
         print(render_json(contents))
         return 0

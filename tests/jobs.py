@@ -97,10 +97,20 @@ class Job:
         return code
 
     def kill(self) -> None:
+        """SIGKILL the job's process group and every descendant, also those in other sessions."""
+        try:
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for process in descendants:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
 
     def digest(self) -> str:
         found = DIGEST.findall(self.output)

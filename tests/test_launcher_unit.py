@@ -19,6 +19,7 @@ from resilient.launcher.attempts import AttemptStore
 from resilient.launcher.status import describe
 
 RUN = [sys.executable, "-m", "resilient", "run"]
+# Children print "child" + " ready" so that the launcher's echo of the command line does not match.
 
 
 def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -74,15 +75,15 @@ def test_startup_failures_stop_restarts(tmp_path: Path) -> None:
 
 HANDLER = """
 import signal, sys, time
-signal.signal(signal.SIGUSR1, lambda *a: (print('child got USR1', flush=True), sys.exit(75)))
-print('ready', flush=True)
+signal.signal(signal.SIGUSR1, lambda *a: (print('child got ' + 'USR1', flush=True), sys.exit(75)))
+print('child' + ' ready', flush=True)
 time.sleep(60)
 """
 
 
 def test_relay_spares_bash_wrapper(tmp_path: Path) -> None:
     job = Job.start([*RUN, "--", "bash", "-c", f"{sys.executable} -c \"{HANDLER}\"; s=$?; echo bash saw $s; exit $s"])
-    job.wait_for(lambda: "ready" in job.output, 30, "the child to start")
+    job.wait_for(lambda: "child ready" in job.output, 30, "the child to start")
     job.process.send_signal(signal.SIGUSR1)
     assert job.wait(30) == 75
     assert "child got USR1" in job.output
@@ -94,20 +95,20 @@ def test_signal_nobody_handles_goes_to_every_process() -> None:
     time.sleep(1)
     started = time.monotonic()
     job.process.send_signal(signal.SIGTERM)
-    assert job.wait(30) == 128 + signal.SIGTERM
+    assert job.wait(30) == 75, "a stop before any step is a stop during start-up"
     assert time.monotonic() - started < 20, "the tree should exit on the relayed SIGTERM, not at the grace deadline"
     assert "UNREACHED2" not in job.output
 
 
 def test_grace_deadline_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('ignored', flush=True)); " \
-               "print('ready', flush=True); time.sleep(120)"
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('child ' + 'ignored it', flush=True)); " \
+               "print('child' + ' ready', flush=True); time.sleep(120)"
     job = Job.start([*RUN, "--ckpt-dir", str(ckpt), "--grace", "2", "--", sys.executable, "-c", stubborn])
-    job.wait_for(lambda: "ready" in job.output, 30, "the child to start")
+    job.wait_for(lambda: "child ready" in job.output, 30, "the child to start")
     job.process.send_signal(signal.SIGTERM)
     assert job.wait(30) == 137
-    assert "ignored" in job.output
+    assert "child ignored it" in job.output
     kill = [event for event in read_journal(ckpt).events if event["event"] == "kill"]
     assert len(kill) == 1
     assert "after the stop signal" in kill[0]["why"]
@@ -115,15 +116,16 @@ def test_grace_deadline_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> 
 
 
 def test_second_sigint_kills_at_once() -> None:
-    stubborn = "import signal, time; signal.signal(signal.SIGINT, lambda *a: None); print('ready', flush=True); " \
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); print('child' + ' ready', flush=True); " \
                "time.sleep(120)"
     job = Job.start([*RUN, "--grace", "100", "--", sys.executable, "-c", stubborn])
-    job.wait_for(lambda: "ready" in job.output, 30, "the child to start")
+    job.wait_for(lambda: "child ready" in job.output, 30, "the child to start")
     job.process.send_signal(signal.SIGINT)
     time.sleep(0.5)
     job.process.send_signal(signal.SIGINT)
     assert job.wait(20) == 137
     assert "a second SIGINT" in job.output
+    assert job.output.count("SIGKILLed") == 1, job.output
 
 
 def test_orphans_left_by_the_command_are_stopped(tmp_path: Path) -> None:
@@ -179,3 +181,106 @@ def test_status_of_a_directory_without_journal(tmp_path: Path) -> None:
                              capture_output=True, text=True)
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr
+
+
+def test_orphan_after_success_is_not_a_failure(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    marker = tmp_path / "orphan-marker"
+    orphan = f"(trap '' TERM; exec {sys.executable} -c 'import time; time.sleep(300)' {marker}) & exit 0"
+    result = run("--ckpt-dir", str(ckpt), "--grace", "2", "--max-restarts", "1", "--", "bash", "-c", orphan)
+    assert result.returncode == 0, result.stderr
+    assert kinds(ckpt).count("start") == 1
+    kill = [event for event in read_journal(ckpt).events if event["event"] == "kill"]
+    assert len(kill) == 1
+    assert "after the command exited" in kill[0]["why"]
+
+
+def test_stop_during_startup_exits_75(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    job = Job.start([*RUN, "--ckpt-dir", str(ckpt), "--", sys.executable, "-c",
+                     "import time; print('child' + ' loading', flush=True); time.sleep(60)"])
+    job.wait_for(lambda: "child loading" in job.output, 30, "the child to start")
+    job.process.send_signal(signal.SIGTERM)
+    assert job.wait(30) == 75
+    exits = [event for event in read_journal(ckpt).events if event["event"] == "exit"]
+    assert exits[0]["outcome"] == "stopped during start-up"
+    assert exits[0]["command_status"] == 128 + signal.SIGTERM
+
+
+def test_first_sigint_relays_sigterm() -> None:
+    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); " \
+            "print('child' + ' ready', flush=True); time.sleep(60)"
+    job = Job.start([*RUN, "--", sys.executable, "-c", child])
+    job.wait_for(lambda: "child ready" in job.output, 30, "the child to start")
+    job.process.send_signal(signal.SIGINT)
+    assert job.wait(30) == 75
+    assert "relayed SIGTERM" in job.output
+
+
+def test_launcher_death_terminates_the_command(tmp_path: Path) -> None:
+    marker = tmp_path / "terminated"
+    child = f"import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: " \
+            f"(pathlib.Path({str(marker)!r}).write_text('x'), sys.exit(0))); print('child' + ' ready', flush=True); time.sleep(60)"
+    job = Job.start([*RUN, "--", sys.executable, "-c", child])
+    job.wait_for(lambda: "child ready" in job.output, 30, "the child to start")
+    job.process.kill()
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the command did not get SIGTERM when the launcher died"
+
+
+def test_missing_command_is_not_restarted() -> None:
+    result = run("--max-restarts", "3", "--backoff", "0", "--", "no-such-program-anywhere")
+    assert result.returncode == 127
+    assert result.stderr.count("Cannot start") == 1
+
+
+def test_unusable_ckpt_dir_and_signal_rejected(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("--ckpt-dir", str(blocker / "sub"), "--", "true")
+    assert result.returncode == 2, result.stderr
+    assert "Pass a writable directory" in result.stderr
+    chld = run("--signals", "SIGCHLD", "--", "true")
+    assert chld.returncode == 2
+    assert "do not ask a process to stop" in chld.stderr
+
+
+def test_damaged_attempt_history_is_reset(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    show = ["--ckpt-dir", str(ckpt), "--", sys.executable, "-c", "import os; print(os.environ['RESILIENT_ATTEMPT'])"]
+    assert run(*show).stdout.strip() == "1"
+    history = ckpt / ".resilient" / "attempts.json"
+    for damage in ("{not json", '{"attempts": [1, 2]}', '{"attempts": [{"attempt": "x"}], "next": "abc"}'):
+        history.write_text(damage)
+        result = run(*show)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    # The attempt directories survive the damage, so numbering continues after them.
+    assert int(result.stdout.strip()) >= 2
+
+
+def test_restart_delay_is_capped() -> None:
+    from resilient.launcher import LaunchOptions
+    from resilient.launcher.runner import restart_delay
+
+    options = LaunchOptions(command=("true",), backoff=1.0, max_backoff=60.0)
+    assert [restart_delay(options, count) for count in (0, 1, 2)] == [1.0, 2.0, 4.0]
+    assert restart_delay(options, 5000) == 60.0
+
+
+def test_status_survives_odd_lines(tmp_path: Path) -> None:
+    lines = ['{"event": "signal", "time": 1e30, "signal": "SIGTERM", "relayed_to": 5}',
+             '{"event": "checkpoint", "time": NaN, "bytes": "many"}', '{"event": "exit", "time": "soon"}']
+    (tmp_path / "journal.jsonl").write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "resilient", "status", str(tmp_path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert "relayed_to=5" in result.stdout
+    directory = tmp_path / "other"
+    (directory / "journal.jsonl").mkdir(parents=True)
+    broken = subprocess.run([sys.executable, "-m", "resilient", "status", str(directory)], capture_output=True,
+                            text=True)
+    assert broken.returncode == 1
+    assert "is not a regular file" in broken.stderr

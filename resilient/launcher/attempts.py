@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -30,6 +31,8 @@ STATE_DIR = ".resilient"
 ATTEMPTS_FILE = "attempts.json"
 ATTEMPT_KEY_ENV = "RESILIENT_ATTEMPT_KEY"
 KEEP_RECORDS = 100
+
+log = logging.getLogger(__name__)
 
 
 def default_key(local_start: int) -> str:
@@ -67,11 +70,30 @@ class AttemptStore:
         except FileNotFoundError:
             return {"attempts": []}
         except (OSError, ValueError) as err:
-            # A damaged counter must not stop training: start a new history after the highest number we can see.
-            return {"attempts": [], "damaged": f"{self.path} was unreadable ({err}) and was reset"}
+            return self._reset(f"is unreadable ({err})")
         if not isinstance(data, dict) or not isinstance(data.get("attempts"), list):
-            return {"attempts": [], "damaged": f"{self.path} had an unexpected shape and was reset"}
+            return self._reset("does not contain an object with an 'attempts' list")
+        records = [record for record in data["attempts"]
+                   if isinstance(record, dict) and isinstance(record.get("attempt"), int)]
+        if len(records) != len(data["attempts"]):
+            log.warning("Ignoring %d malformed records in %s.", len(data["attempts"]) - len(records), self.path)
+        data["attempts"] = records
+        if not isinstance(data.get("next"), int):
+            data.pop("next", None)
         return data
+
+    def _highest_directory(self) -> int:
+        """Return the highest attempt number that has a directory, so a damaged history never reuses one."""
+        numbers = [int(path.name.split("-", 1)[1]) for path in self.directory.glob("attempt-*")
+                   if path.name.split("-", 1)[1].isdigit()]
+        return max(numbers, default=0)
+
+    def _reset(self, problem: str) -> dict[str, Any]:
+        """Start a new history after the highest attempt number that left a directory."""
+        following = self._highest_directory() + 1
+        log.warning("%s %s; starting a new attempt history at attempt %d. Delete the file to silence this.",
+                    self.path, problem, following)
+        return {"attempts": [], "next": following}
 
     def records(self) -> list[dict[str, Any]]:
         return self._read()["attempts"]
@@ -82,10 +104,11 @@ class AttemptStore:
             attempts = data["attempts"]
             for record in reversed(attempts):
                 if record.get("key") == key:
-                    record.setdefault("hosts", []).append(socket.gethostname())
+                    hosts = record.get("hosts")
+                    record["hosts"] = [*(hosts if isinstance(hosts, list) else []), socket.gethostname()]
                     return int(record["attempt"])
-            number = max((int(record.get("attempt", 0)) for record in attempts), default=0) + 1
-            number = max(number, int(data.get("next", 0)))
+            number = max([self._highest_directory() + 1, int(data.get("next", 0)),
+                          *(int(record["attempt"]) + 1 for record in attempts)])
             attempts.append({"attempt": number, "key": key, "started": time.time(),
                              "hosts": [socket.gethostname()], "status": None, "reached_step": False})
             data["next"] = number + 1

@@ -11,11 +11,16 @@ from resilient.errors import ConfigError
 from resilient.signals import parse_signals
 
 DEFAULT_RELAY = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+# Signals that job control and the kernel use for other purposes.
+_NOT_STOP_SIGNALS = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH, signal.SIGTSTP, signal.SIGTTIN,
+                     signal.SIGTTOU, signal.SIGPIPE, signal.SIGALRM, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE,
+                     signal.SIGILL}
 
 #: No rank made progress for the hang timeout, and no restarts were left.
 EXIT_HUNG = 124
-#: The command could not be found (as a shell reports it).
+#: The command could not be found, or is not executable (as a shell reports them).
 EXIT_NOT_FOUND = 127
+EXIT_NOT_EXECUTABLE = 126
 #: The grace period ran out and the rest of the tree was SIGKILLed (128 + 9, as a shell reports it).
 EXIT_KILLED = 128 + int(signal.SIGKILL)
 
@@ -58,6 +63,10 @@ class LaunchOptions:
             raise ConfigError(f"max_restarts must be an integer of at least 0, got {self.max_restarts!r}")
         if not self.signals:
             raise ConfigError("signals is empty; relay at least SIGTERM")
+        harmless = [sig.name for sig in self.signals if sig in _NOT_STOP_SIGNALS]
+        if harmless:
+            raise ConfigError(f"signals contains {', '.join(harmless)}, which do not ask a process to stop; "
+                              "relay stop signals such as SIGTERM, SIGUSR1 or SIGUSR2")
         if self.ckpt_dir is not None and self.ckpt_dir.exists() and not self.ckpt_dir.is_dir():
             raise ConfigError(f"ckpt_dir {self.ckpt_dir} exists and is not a directory; pass the checkpoint "
                               "directory of the run")

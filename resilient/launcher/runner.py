@@ -36,7 +36,7 @@ from typing import Callable
 from resilient.errors import EXIT_PREEMPTED
 from resilient.journal import ATTEMPT_ENV, Journal
 from resilient.launcher.attempts import STATE_DIR, AttemptStore, default_key
-from resilient.launcher.options import EXIT_HUNG, EXIT_NOT_FOUND, LaunchOptions
+from resilient.launcher.options import EXIT_HUNG, EXIT_KILLED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, LaunchOptions
 from resilient.launcher.tree import ProcessTree, become_subreaper
 from resilient.launcher.watchdog import HangReport, Watchdog, all_preempted, read_heartbeats, reached_step
 from resilient.progress import CKPT_DIR_ENV, HEARTBEAT_INTERVAL_ENV, LAUNCHER_DIR_ENV
@@ -51,12 +51,26 @@ _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
 @dataclass
+class _Supervised:
+    """What happened while the tree ran."""
+
+    outcome: str | None = None
+    command_status: int = 0
+    launcher_stopped_orphans: bool = False
+
+
+@dataclass
 class AttemptResult:
     number: int
     status: int
     outcome: str
     reached_step: bool
     stopped_by: str | None
+
+
+def restart_delay(options: LaunchOptions, restarts_so_far: int) -> float:
+    """Return the wait before the next restart: ``backoff`` doubled per earlier restart, capped."""
+    return min(options.backoff * 2 ** min(restarts_so_far, 30), options.max_backoff)
 
 
 def _exit_code(status: int) -> int:
@@ -79,8 +93,8 @@ class Launcher:
         ckpt_dir = options.ckpt_dir
         self._temp_dir: Path | None = None
         if ckpt_dir is not None:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
             self.state_dir = ckpt_dir / STATE_DIR
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         else:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="resilient-run-"))
             self.state_dir = self._temp_dir
@@ -129,7 +143,7 @@ class Launcher:
             if final is not None:
                 self._event("finish", status=final, outcome=result.outcome)
                 return final
-            delay = min(self.options.backoff * 2 ** restarts, self.options.max_backoff)
+            delay = restart_delay(self.options, restarts)
             restarts += 1
             log.warning("Restarting the command in %.1f s (restart %d of %d) after attempt %d ended with %s.",
                         delay, restarts, self.options.max_restarts, result.number, result.outcome)
@@ -145,8 +159,10 @@ class Launcher:
         """Return the launcher's exit status, or None to start the command again."""
         if result.outcome == "success":
             return 0
-        if result.outcome == "preempted":
+        if result.outcome in ("preempted", "stopped during start-up"):
             return EXIT_PREEMPTED
+        if result.outcome == "not started":
+            return result.status  # a missing or non-executable command stays so on every restart
         if result.stopped_by is not None:
             return result.status
         if result.outcome == "crash" and self._second_startup_failure(result):
@@ -218,90 +234,114 @@ class Launcher:
         try:
             tree = ProcessTree(self.options.command, self._environment(number, attempt_dir))
         except OSError as err:
-            status = EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else 126
+            status = EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else EXIT_NOT_EXECUTABLE
             log.error("Cannot start %s: %s", self.options.command[0], err)
-            self.attempts.finish(number, status, False, "crash")
+            self._event("exit", status=status, outcome="not started", error=str(err))
+            self.attempts.finish(number, status, False, "not started")
             return AttemptResult(number, status, "not started", False, None)
         started = self._clock()
         log.info("Attempt %d: started %s as pid %d.", number, " ".join(self.options.command), tree.pid)
         self._event("start", command=list(self.options.command), child_pid=tree.pid, restart=local_start)
 
-        outcome, status = self._supervise(tree, Watchdog(attempt_dir, self.options.hang_timeout))
+        supervised = self._supervise(tree, Watchdog(attempt_dir, self.options.hang_timeout))
         records = read_heartbeats(attempt_dir)
         # A command without resilient's Supervisor writes no heartbeats; for it, lasting a minute counts as started.
         stepped = reached_step(records) if records else self._clock() - started >= STARTED_AFTER_SECONDS
-        if outcome is None:
-            if status == 0:
-                outcome = "success"
-            elif status == EXIT_PREEMPTED or all_preempted(records):
-                outcome, status = "preempted", EXIT_PREEMPTED
-            else:
-                outcome = "crash"
-        elif outcome == "killed" and all_preempted(records):
-            outcome, status = "preempted", EXIT_PREEMPTED
+        outcome, status = self._classify(supervised, records, stepped)
         log.log(logging.INFO if outcome in ("success", "preempted") else logging.WARNING,
                 "Attempt %d ended: %s, status %d.", number, outcome, status)
-        self._event("exit", status=status, outcome=outcome, command_status=tree.root_status,
+        self._event("exit", status=status, outcome=outcome, command_status=supervised.command_status,
                     reached_step=stepped)
         self.attempts.finish(number, status, stepped, outcome)
         return AttemptResult(number, status, outcome, stepped, self._stop_signal)
 
-    def _supervise(self, tree: ProcessTree, watchdog: Watchdog) -> tuple[str | None, int]:
-        """Wait for the tree to exit; return (outcome if decided here, exit status)."""
-        grace_deadline: float | None = None
-        outcome: str | None = None
+    def _classify(self, supervised: "_Supervised", records: list[dict], stepped: bool) -> tuple[str, int]:
+        """Name the attempt's outcome and the launcher's status for it."""
+        status = supervised.command_status
+        if supervised.outcome == "hang":
+            return "hang", EXIT_HUNG
+        if all_preempted(records) and not supervised.launcher_stopped_orphans:
+            # Every rank committed its preemption checkpoint. A wrapper may have turned 75 into 1 (torchrun)
+            # or 0 (a shell whose last command succeeded), and a straggler may have needed the grace kill.
+            return "preempted", EXIT_PREEMPTED
+        if supervised.outcome == "killed":
+            return "killed", EXIT_KILLED
+        if status == 0:
+            return "success", 0
+        if status == EXIT_PREEMPTED and not supervised.launcher_stopped_orphans:
+            return "preempted", EXIT_PREEMPTED
+        if self._stop_signal is not None and not stepped:
+            # Stopped while starting (the workers had no handlers yet): nothing was lost, so run it again later.
+            return "stopped during start-up", EXIT_PREEMPTED
+        return "crash", status
+
+    def _supervise(self, tree: ProcessTree, watchdog: Watchdog) -> "_Supervised":
+        """Wait for the tree to exit, relaying signals and enforcing the deadlines."""
+        result = _Supervised()
+        stop_deadline: float | None = None
+        orphan_deadline: float | None = None
         next_watch = self._clock() + 1.0
-        orphans_warned = False
         while not tree.empty():
             now = self._clock()
-            grace_deadline = self._relay_pending(tree, grace_deadline)
-            if tree.root_exited and grace_deadline is None and not orphans_warned:
-                orphans_warned = True
-                grace_deadline = self._stop_orphans(tree)
-            if grace_deadline is not None and now >= grace_deadline:
-                self._kill(tree, f"still running {self.options.grace:.0f} s after the stop signal")
-                outcome = "killed"
+            stop_deadline, kill_now = self._relay_pending(tree, stop_deadline)
+            if kill_now:
+                result.outcome = "killed"
                 break
-            if grace_deadline is None and now >= next_watch:
+            if tree.root_exited and stop_deadline is None and orphan_deadline is None:
+                orphan_deadline = self._stop_orphans(tree)
+                result.launcher_stopped_orphans = tree.root_status != 0
+            if stop_deadline is not None and now >= stop_deadline:
+                self._kill(tree, f"still running {self.options.grace:g} s after the stop signal")
+                result.outcome = "killed"
+                break
+            if orphan_deadline is not None and now >= orphan_deadline:
+                self._kill(tree, f"left running {self.options.grace:g} s after the command exited")
+                break
+            if stop_deadline is None and orphan_deadline is None and now >= next_watch:
                 next_watch = now + 1.0
                 report = watchdog.check()
                 if report is not None:
                     self._on_hang(tree, watchdog, report)
-                    outcome = "hang"
+                    result.outcome = "hang"
                     break
             self._sleep(self.options.poll_interval)
         self._wait_empty(tree)
-        status = _exit_code(tree.root_status if tree.root_status is not None else -signal.SIGKILL)
-        if outcome == "killed":
-            status = 128 + signal.SIGKILL
-        elif outcome == "hang":
-            status = EXIT_HUNG
-        return outcome, status
+        result.command_status = _exit_code(tree.root_status if tree.root_status is not None else -signal.SIGKILL)
+        return result
 
-    def _relay_pending(self, tree: ProcessTree, grace_deadline: float | None) -> float | None:
+    def _relay_pending(self, tree: ProcessTree, deadline: float | None) -> tuple[float | None, bool]:
+        """Relay recorded signals; return the grace deadline and whether to kill the tree at once."""
         while self._pending:
             signum = self._pending.pop(0)
             name = signal.Signals(signum).name
             if signum == signal.SIGINT and self._stop_signal == "SIGINT":
-                self._kill(tree, "a second SIGINT asked to stop at once")
-                return self._clock()
+                self._kill(tree, "a second SIGINT requested an immediate stop")
+                return deadline, True
             if self._stop_signal is None:
                 self._stop_signal = name
-            if grace_deadline is None:
-                grace_deadline = self._clock() + self.options.grace
-            sent = tree.relay(signum)
-            log.info("Received %s; relayed it to %s. Waiting up to %.0f s for the command to exit.", name,
-                     ", ".join(info.describe() for info in sent) or "no process", self.options.grace)
-            self._event("signal", signal=name, relayed_to=[info.pid for info in sent])
-        return grace_deadline
+            if deadline is None:
+                deadline = self._clock() + self.options.grace
+            # A first Ctrl-C asks for a checkpoint and a stop, so the tree gets SIGTERM, which
+            # resilient's workers save on, instead of a KeyboardInterrupt that loses the step.
+            relayed = signal.SIGTERM if signum == signal.SIGINT else signum
+            sent = tree.relay(relayed)
+            log.info("Received %s; relayed %s to %s. Waiting up to %g s for the command to exit.", name,
+                     signal.Signals(relayed).name, ", ".join(info.describe() for info in sent) or "no process",
+                     self.options.grace)
+            self._event("signal", signal=name, relayed_as=signal.Signals(relayed).name,
+                        relayed_to=[info.pid for info in sent])
+        return deadline, False
 
     def _stop_orphans(self, tree: ProcessTree) -> float | None:
         left = tree.processes()
         if not left:
             return None
         log.warning("The command exited with status %s but left %s running; sending SIGTERM and waiting up to "
-                    "%.0f s.", tree.root_status, ", ".join(str(process.pid) for process in left), self.options.grace)
-        tree.relay(signal.SIGTERM)
+                    "%g s.", _exit_code(tree.root_status or 0), ", ".join(str(process.pid) for process in left),
+                    self.options.grace)
+        sent = tree.relay(signal.SIGTERM)
+        self._event("signal", signal="SIGTERM", reason="processes left running after the command exited",
+                    relayed_to=[info.pid for info in sent])
         return self._clock() + self.options.grace
 
     def _kill(self, tree: ProcessTree, why: str) -> None:

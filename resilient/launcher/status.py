@@ -23,8 +23,19 @@ def _command(words: Any) -> str:
     return text if len(text) <= 70 else text[:67] + "..."
 
 
+def _fields(event: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in event.items() if key not in _SKIP)
+
+
 def describe(event: dict[str, Any]) -> str:
-    """Describe an event in one sentence. Unknown kinds list their fields."""
+    """Describe an event in one sentence. Unknown kinds, and known kinds with odd fields, list their fields."""
+    try:
+        return _sentence(event)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return _fields(event)
+
+
+def _sentence(event: dict[str, Any]) -> str:
     kind, get = event["event"], event.get
     if kind == "start":
         return f"started pid {get('child_pid')}: {_command(get('command'))}"
@@ -60,7 +71,7 @@ def describe(event: dict[str, Any]) -> str:
         return f"failed before the first step in two attempts in a row (status {get('status')}); not restarted"
     if kind == "finish":
         return f"resilient run exited {get('status')} ({get('outcome')})"
-    return ", ".join(f"{key}={value}" for key, value in event.items() if key not in _SKIP)
+    return _fields(event)
 
 
 def _source(event: dict[str, Any]) -> str:
@@ -74,9 +85,9 @@ def _source(event: dict[str, Any]) -> str:
 def _when(seconds: Any) -> str:
     try:
         stamp = float(seconds)
-    except (TypeError, ValueError):
-        return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
+    except (TypeError, ValueError, OverflowError, OSError):
+        return f"? ({seconds!r})"
 
 
 def render_table(contents: JournalContents) -> str:

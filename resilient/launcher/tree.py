@@ -40,6 +40,22 @@ def become_subreaper() -> bool:
         return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    """Ask the kernel to SIGTERM the command when the launcher dies, even by SIGKILL.
+
+    Runs in the child between fork and exec. torchrun forwards that SIGTERM to
+    its workers, which save and exit. A ``bash -c`` wrapper does not forward
+    it, so its child keeps running.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _signal_masks(pid: int) -> tuple[int, int] | None:
     """Return the (caught, ignored) signal bit masks of ``pid``, or None when it is gone."""
     caught = ignored = None
@@ -87,7 +103,8 @@ class ProcessTree:
     def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
         # Its own session: a terminal's Ctrl-C reaches only the launcher, which
         # relays it once, instead of every process twice.
-        self.root = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
+        self.root = subprocess.Popen(list(command), env=dict(env), start_new_session=True,
+                                     preexec_fn=_terminate_with_parent)
         self.root_status: int | None = None
 
     @property
