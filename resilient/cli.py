@@ -141,6 +141,7 @@ def command_run(args: argparse.Namespace) -> int:
             command=tuple(command), ckpt_dir=Path(args.ckpt_dir) if args.ckpt_dir else None,
             signals=parse_signals(part for part in args.signals.split(",") if part.strip()),
             grace=args.grace, max_restarts=args.max_restarts, backoff=args.backoff, hang_timeout=args.hang_timeout,
+            requeue=args.requeue,
         )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -185,6 +186,21 @@ def command_status(args: argparse.Namespace) -> int:
         return 0
     print(render_table(contents))
     return 0
+
+
+def command_requeue(args: argparse.Namespace) -> int:
+    import logging
+
+    from resilient.slurm import SlurmJob, requeue
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="[resilient requeue] %(levelname)s %(message)s")
+    job = SlurmJob.from_env()
+    if job is None:
+        print("error: not inside a SLURM job (SLURM_JOB_ID is not set); nothing to requeue", file=sys.stderr)
+        return 2
+    return 0 if requeue(job) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,10 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hang-timeout", type=float, default=None,
                      help="seconds without a completed step on any rank before stacks are dumped and the command "
                           "is killed (default: no watchdog)")
+    run.add_argument("--requeue", action="store_true",
+                     help="inside a SLURM job, run 'scontrol requeue' (aimed at the array task) before exiting 75; "
+                          "only the launcher on the job's first node does")
     run.add_argument("--signals", default="SIGTERM,SIGINT,SIGHUP,SIGUSR1,SIGUSR2",
                      help="comma-separated stop signals to relay (default SIGTERM,SIGINT,SIGHUP,SIGUSR1,SIGUSR2)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     run.set_defaults(func=command_run)
+
+    requeue = commands.add_parser(
+        "requeue", help="requeue the current SLURM job or array task with scontrol",
+        description="Run 'scontrol requeue' for the job in SLURM_JOB_ID, or for the array task "
+                    "SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID. Exit status: 0 accepted, 1 failed (the error names the "
+                    "command and its output), 2 outside a SLURM job.")
+    requeue.set_defaults(func=command_requeue)
 
     status = commands.add_parser("status", help="show the event journal of a run as a timeline")
     status.add_argument("dir", help="checkpoint directory of a run")

@@ -39,6 +39,7 @@ EVENTS = {
     "exit": "the command exited (status, outcome)",
     "restart": "resilient run starts the command again (delay, reason)",
     "startup_failure": "the command failed before its first step twice in a row",
+    "requeue": "resilient run asked SLURM to requeue the job (target, accepted)",
     "finish": "resilient run exited (status, outcome)",
 }
 

@@ -151,6 +151,7 @@ def test_status_renders_every_event_kind(tmp_path: Path) -> None:
         "exit": {"status": 75, "outcome": "preempted"},
         "restart": {"restart": 1, "max_restarts": 3, "delay": 1.0, "reason": "crash"},
         "startup_failure": {"status": 3},
+        "requeue": {"target": "41_3", "accepted": True},
         "finish": {"status": 75, "outcome": "preempted"},
     }
     assert set(samples) == set(EVENTS), "every documented event kind needs a sample here"

@@ -49,6 +49,7 @@ class LaunchOptions:
     backoff: float = 1.0
     max_backoff: float = 60.0
     hang_timeout: float | None = None
+    requeue: bool = False
     poll_interval: float = 0.1
 
     def __post_init__(self) -> None:

@@ -41,6 +41,8 @@ from resilient.launcher.tree import ProcessTree, become_subreaper
 from resilient.launcher.watchdog import HangReport, Watchdog, all_preempted, read_heartbeats, reached_step
 from resilient.progress import CKPT_DIR_ENV, HEARTBEAT_INTERVAL_ENV, LAUNCHER_DIR_ENV
 from resilient.signals import SIGNALS_ENV
+from resilient.slurm import SlurmJob
+from resilient.slurm import requeue as slurm_requeue
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 @dataclass
 class _Supervised:
-    """What happened while the tree ran."""
+    """Outcome, command status and orphan handling of one supervised run of the tree."""
 
     outcome: str | None = None
     command_status: int = 0
@@ -141,6 +143,8 @@ class Launcher:
             local_start += 1
             final = self._decide(result, restarts)
             if final is not None:
+                if final == EXIT_PREEMPTED and self.options.requeue:
+                    self._requeue()
                 self._event("finish", status=final, outcome=result.outcome)
                 return final
             delay = restart_delay(self.options, restarts)
@@ -154,6 +158,17 @@ class Launcher:
                             "its latest complete checkpoint.", self._stop_signal, EXIT_PREEMPTED)
                 self._event("finish", status=EXIT_PREEMPTED, outcome="stopped before restart")
                 return EXIT_PREEMPTED
+
+    def _requeue(self) -> None:
+        """Requeue the SLURM job from the first node's launcher; status 75 stays either way."""
+        job = SlurmJob.from_env()
+        if job is None:
+            log.warning("--requeue has no effect outside a SLURM job (SLURM_JOB_ID is not set).")
+            return
+        if job.node_id != 0:
+            return
+        accepted = slurm_requeue(job)
+        self._event("requeue", target=job.requeue_target, accepted=accepted)
 
     def _decide(self, result: AttemptResult, restarts: int) -> int | None:
         """Return the launcher's exit status, or None to start the command again."""
@@ -321,7 +336,7 @@ class Launcher:
                 self._stop_signal = name
             if deadline is None:
                 deadline = self._clock() + self.options.grace
-            # A first Ctrl-C asks for a checkpoint and a stop, so the tree gets SIGTERM, which
+            # A first Ctrl-C requests a checkpoint and a stop, so the tree gets SIGTERM, which
             # resilient's workers save on, instead of a KeyboardInterrupt that loses the step.
             relayed = signal.SIGTERM if signum == signal.SIGINT else signum
             sent = tree.relay(relayed)

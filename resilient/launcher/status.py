@@ -69,6 +69,8 @@ def _sentence(event: dict[str, Any]) -> str:
         return f"restart {get('restart')} of {get('max_restarts')} in {get('delay')} s after {get('reason')}"
     if kind == "startup_failure":
         return f"failed before the first step in two attempts in a row (status {get('status')}); not restarted"
+    if kind == "requeue":
+        return f"scontrol requeue {get('target')}: {'accepted' if get('accepted') else 'failed'}"
     if kind == "finish":
         return f"resilient run exited {get('status')} ({get('outcome')})"
     return _fields(event)
