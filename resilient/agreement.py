@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,8 @@ class StopReason(enum.IntEnum):
     """Reason to stop the job. Larger values win when ranks disagree."""
 
     NONE = 0
-    PREEMPTION = 1
+    DEADLINE = 1
+    PREEMPTION = 2
 
 
 class Agreement:
@@ -47,12 +48,18 @@ class Agreement:
         self.seconds = 0.0
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._ready: StopReason | None = None
+        #: Returns True on this rank once the job's end time is near (see resilient.deadline).
+        self.deadline_due: Callable[[], bool] | None = None
 
     def due(self, step: int) -> bool:
         return step % self.check_every == 0
 
     def local_reason(self) -> StopReason:
-        return StopReason.PREEMPTION if self.recorder.events else StopReason.NONE
+        if self.recorder.events:
+            return StopReason.PREEMPTION
+        if self.deadline_due is not None and self.deadline_due():
+            return StopReason.DEADLINE
+        return StopReason.NONE
 
     def agree(self, step: int) -> StopReason:
         """Return the stop reason all ranks agree on at ``step``. Collective."""
@@ -99,7 +106,9 @@ class Agreement:
 
     def _log_decision(self, step: int, agreed: StopReason) -> None:
         event = self.recorder.first_event
-        if event is not None:
+        if agreed == StopReason.DEADLINE:
+            seen = "the job's end time is near"
+        elif event is not None:
             seen = f"{event.name} arrived on this rank {time.monotonic() - event.monotonic:.2f} s ago"
         else:
             seen = "the signal arrived on another rank"

@@ -38,6 +38,10 @@ class Config:
             sampler that cannot redistribute the rest of the epoch (anything but ``ResumableSampler``):
             ``"error"`` raises ConfigError; ``"restart_epoch"`` starts that epoch over, so samples
             seen before the interruption are seen again.
+        deadline: When the job is killed without warning, in seconds since the epoch. ``"slurm"``
+            (the default) takes the SLURM job's end time, if any; None disables deadline saves.
+        deadline_margin: Seconds before the deadline at which to stop and save; None derives it
+            from the measured save and step times (at least 30 s).
     """
 
     ckpt_dir: str | os.PathLike
@@ -51,6 +55,8 @@ class Config:
     exit_on_preemption: bool = True
     data_on_resize: str = "error"
     grace_period: float | None = None
+    deadline: float | str | None = "slurm"
+    deadline_margin: float | None = None
 
     def __post_init__(self) -> None:
         if not str(self.ckpt_dir):
@@ -74,6 +80,15 @@ class Config:
                                               or not isinstance(self.grace_period, (int, float))
                                               or not self.grace_period > 0):
             raise ConfigError(f"grace_period must be a positive number of seconds or None, got {self.grace_period!r}")
+        if not (self.deadline is None or self.deadline == "slurm" or (
+                isinstance(self.deadline, (int, float)) and not isinstance(self.deadline, bool) and self.deadline > 0)):
+            raise ConfigError(f"deadline must be 'slurm', None or an end time in seconds since the epoch, "
+                              f"got {self.deadline!r}")
+        if self.deadline_margin is not None and (isinstance(self.deadline_margin, bool)
+                                                 or not isinstance(self.deadline_margin, (int, float))
+                                                 or not self.deadline_margin > 0):
+            raise ConfigError(f"deadline_margin must be a positive number of seconds or None, "
+                              f"got {self.deadline_margin!r}")
         if self.data_on_resize not in DATA_ON_RESIZE:
             raise ConfigError(f"data_on_resize must be one of {', '.join(map(repr, DATA_ON_RESIZE))}, "
                               f"got {self.data_on_resize!r}")

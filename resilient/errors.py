@@ -28,10 +28,12 @@ class SignalSetupError(ResilientError):
 
 
 class Preempted(SystemExit):
-    """Raised on every rank after a preemption checkpoint was committed.
+    """Raised on every rank after an agreed stop (preemption or deadline).
 
     It derives from ``SystemExit`` with code 75, so an uncaught instance ends the
     process with status 75, which launchers read as "checkpoint saved, restart me".
+    ``checkpoint`` is the newest complete checkpoint: the stop step's, or the
+    previous one when the grace period left no time to save the stop step.
     """
 
     def __init__(self, step: int, checkpoint: str) -> None:

@@ -33,6 +33,7 @@ from resilient.codec import flatten, unflatten
 from resilient.comm import Comm
 from resilient.config import Config
 from resilient.data import BatchStream
+from resilient.deadline import Deadline, resolve_end_time, save_fits_grace
 from resilient.errors import CheckpointError, ConfigError, Preempted
 from resilient.progress import FINISHED, PREEMPTED, ProgressReporter
 from resilient.run_dir import pending_resume_from, prepare_run_dir, set_aside_newer
@@ -225,9 +226,22 @@ class Supervisor:
         else:
             self._apply_loaded(comm, *loaded, like=like, resume_from=resume_from, started=started)
         self._check_disk_space(comm, loaded[0] if loaded else None)
+        self._arm_deadline(comm)
         assert self._progress is not None
         self._progress.resumed(self.trainer.step, self.resumed_from)
         return self.trainer
+
+    def _arm_deadline(self, comm: Comm) -> None:
+        end = resolve_end_time(self.config.deadline, comm)
+        if end is None:
+            return
+        deadline = Deadline(end, self.config.deadline_margin)
+        assert self._agreement is not None
+        self._agreement.deadline_due = lambda: deadline.due(
+            self.last_save.seconds if self.last_save else None, self._step_seconds, self.config.check_every)
+        log.info("The job ends at %s UTC; the ranks stop and save when less than the margin (at least %.0f s, "
+                 "derived from the measured save and step times) is left.",
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(end)), deadline.margin_seconds(None, None, 1))
 
     def _check_disk_space(self, comm: Comm, manifest: Manifest | None) -> None:
         """Fail at start when two checkpoints clearly do not fit in ckpt_dir. Collective."""
@@ -351,10 +365,11 @@ class Supervisor:
 
     def _check_grace_period(self, step: int, seconds: float) -> None:
         """Warn once when a stop signal could not be turned into a committed checkpoint within the grace period."""
+        # The deadline margin uses this moving average too.
+        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
         grace = self.config.grace_period
         if grace is None or self._grace_warned:
             return
-        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
         if step < 3:
             return
         # With the overlapped agreement a signal takes effect up to two checks later.
@@ -384,17 +399,9 @@ class Supervisor:
 
         assert self._agreement is not None
         requested, self._save_requested = self._save_requested, None
-        if self._agreement.due(step) and self._agreement.agree(step) == StopReason.PREEMPTION:
-            assert self._progress is not None
-            self._progress.stopping(step, "preemption")
-            if self._last_saved_step != step:
-                self.save("preemption")
-            self.preempted = True
-            self._progress.exiting(step, PREEMPTED)
-            path = str(self.config.root / f"step_{step:09d}")
-            if self.config.exit_on_preemption:
-                log.info("Exiting with status 75 after the preemption checkpoint of step %d.", step)
-                raise Preempted(step, path)
+        agreed = self._agreement.agree(step) if self._agreement.due(step) else StopReason.NONE
+        if agreed != StopReason.NONE:
+            self._stop(step, "deadline" if agreed == StopReason.DEADLINE else "preemption")
             return True
 
         if requested is not None:
@@ -402,6 +409,46 @@ class Supervisor:
         elif self.config.save_every and step % self.config.save_every == 0:
             self.save("periodic")
         return False
+
+    def _stop(self, step: int, reason: str) -> None:
+        """Save ``step`` unless the grace period is too short, then raise ``Preempted`` (or just return)."""
+        assert self._progress is not None
+        self._progress.stopping(step, reason)
+        saved_step = step
+        if self._last_saved_step != step:
+            if reason == "preemption" and not self._save_fits_grace(step):
+                assert self._last_saved_step is not None
+                saved_step = self._last_saved_step
+            else:
+                self.save(reason)
+        self.preempted = True
+        self._progress.exiting(step, PREEMPTED)
+        if self.config.exit_on_preemption:
+            if saved_step == step:
+                log.info("Exiting with status 75 after the %s checkpoint of step %d.", reason, step)
+            else:
+                log.info("Exiting with status 75 after step %d without a checkpoint of it; the newest is step %d.",
+                         step, saved_step)
+            raise Preempted(step, str(self.config.root / f"step_{saved_step:09d}"))
+
+    def _save_fits_grace(self, step: int) -> bool:
+        """Decide on rank 0 whether the stop save fits the grace period left, for every rank. Collective."""
+        comm = self._connect()
+        if self.config.grace_period is None or self.last_save is None:
+            return True
+        decision = None
+        if comm.rank == 0:
+            first = self.recorder.first_event
+            fits, why = save_fits_grace(self.config.grace_period, first.monotonic if first else None,
+                                        self.last_save.seconds)
+            decision = (fits, why)
+        fits, why = comm.broadcast_object(decision) if comm.distributed else decision
+        if fits:
+            log.info("Saving step %d before stopping: %s.", step, why)
+        else:
+            log.warning("Not saving step %d: %s. Exiting at once; the checkpoint of step %d stays the newest.",
+                        step, why, self._last_saved_step)
+        return fits
 
     # -- saving -------------------------------------------------------------------
 

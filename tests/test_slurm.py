@@ -50,11 +50,12 @@ def slurm(*command: str) -> str:
     return subprocess.run(list(command), capture_output=True, text=True, check=True, timeout=60).stdout.strip()
 
 
-def submit(tmp_path: Path, ckpt: Path) -> str:
+def submit(tmp_path: Path, ckpt: Path, *sbatch_options: str, max_steps: int = MAX_STEPS,
+           template: Path = TEMPLATE) -> str:
     env = dict(os.environ, CKPT_DIR=str(ckpt), PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
-    command = ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.log", str(TEMPLATE), "--max-steps",
-               str(MAX_STEPS), "--save-every", str(SAVE_EVERY), *LM_ARGS]
+    command = ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.log", *sbatch_options, str(template),
+               "--max-steps", str(max_steps), "--save-every", str(SAVE_EVERY), *LM_ARGS]
     return subprocess.run(command, capture_output=True, text=True, check=True, env=env, cwd=REPO).stdout.strip()
 
 
@@ -159,3 +160,20 @@ def test_array_task_requeue_targets_the_task(tmp_path: Path, one_job_at_a_time) 
     wait_until(lambda: job_field(task1, "JobState") == "COMPLETED", 120, "task 1 to finish", tmp_path, array)
     assert job_field(task0, "JobState") == "COMPLETED"
     assert job_field(task0, "Restarts") == "0", "requeueing task 1 must leave task 0 alone"
+
+
+def test_time_limit_without_signal_saves_before_it(tmp_path: Path, one_job_at_a_time) -> None:
+    ckpt = tmp_path / "ckpt"
+    # One minute and no --signal at all: only the end time that squeue reports warns the job.
+    silent = tmp_path / "no-signal.sbatch"
+    lines = TEMPLATE.read_text().splitlines(keepends=True)
+    silent.write_text("".join(line for line in lines if not line.startswith("#SBATCH --signal")))
+    job = submit(tmp_path, ckpt, "--time=1", max_steps=1_000_000, template=silent)
+    wait_until(lambda: job_field(job, "JobState") == "PENDING" and job_field(job, "Restarts") == "1", 150,
+               "the deadline stop and requeue", tmp_path, job)
+    subprocess.run(["scancel", job], check=False)
+    log = job_log(tmp_path, job)
+    assert "resilient run exited 75" in log, log[-3000:]
+    assert "DUE TO TIME LIMIT" not in log
+    saved = [info.reason for info in scan(ckpt, read_run_id(ckpt)) if info.status == COMPLETE]
+    assert saved[-1] == "deadline", saved

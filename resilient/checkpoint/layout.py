@@ -33,7 +33,7 @@ RUN_FILE = "run.json"
 FORMAT_NAME = "resilient-checkpoint"
 FORMAT_VERSION = 1
 
-REASONS = ("periodic", "preemption", "final", "manual")
+REASONS = ("periodic", "preemption", "deadline", "final", "manual")
 
 _FINAL_RE = re.compile(r"^step_(\d+)$")
 _OTHER_RE = re.compile(r"^step_(\d+)\.(tmp|deleting|superseded|corrupt)-([A-Za-z0-9]+)$")
