@@ -177,3 +177,36 @@ def test_time_limit_without_signal_saves_before_it(tmp_path: Path, one_job_at_a_
     assert "DUE TO TIME LIMIT" not in log
     saved = [info.reason for info in scan(ckpt, read_run_id(ckpt)) if info.status == COMPLETE]
     assert saved[-1] == "deadline", saved
+
+
+def test_array_template_requeues_one_task(tmp_path: Path, one_job_at_a_time, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY, "--seed", "1")
+    env = dict(os.environ, CKPT_ROOT=str(tmp_path / "ckpt"), PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    array = subprocess.run(["sbatch", "--parsable", "--array=0-1", f"--output={tmp_path}/job-%A_%a.log",
+                            str(REPO / "slurm" / "array.sbatch"), "--max-steps", str(MAX_STEPS), "--save-every",
+                            str(SAVE_EVERY), *LM_ARGS], capture_output=True, text=True, check=True, env=env,
+                           cwd=REPO).stdout.strip()
+    task0, task1 = f"{array}_0", f"{array}_1"
+    log1 = tmp_path / f"job-{array}_1.log"
+    wait_until(lambda: log1.exists() and re.search(r"^step\s+(2\d|[3-9]\d)", log1.read_text(), re.MULTILINE),
+               240, "task 1 to reach step 20", tmp_path, array)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task1], check=True)
+    wait_until(lambda: job_field(task1, "Restarts") == "1", 180, "task 1 to be requeued", tmp_path, array)
+    release(task1)
+    wait_until(lambda: job_field(task1, "JobState") == "COMPLETED", 240, "task 1 to finish", tmp_path, array)
+    wait_until(lambda: job_field(task0, "JobState") == "COMPLETED", 240, "task 0 to finish", tmp_path, array)
+
+    assert job_field(task0, "Restarts") == "0"
+    text = log1.read_text()
+    assert f"Requeued SLURM job {task1} (scontrol requeue {task1})" in text
+    assert DIGEST.findall(text) == [expected]
+
+
+def test_multinode_template_on_one_node(tmp_path: Path, one_job_at_a_time, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    job = submit(tmp_path, tmp_path / "ckpt", "--nodes=1", template=REPO / "slurm" / "multinode.sbatch")
+    wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 240, "the job to finish", tmp_path, job)
+    log = job_log(tmp_path, job)
+    assert "rendezvous on" in log
+    assert DIGEST.findall(log) == [expected]
