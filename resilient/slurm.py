@@ -107,6 +107,8 @@ def requeue(job: SlurmJob, runner: Runner = subprocess.run) -> bool:
     wrapper to start the job again.
     """
     command = ["scontrol", "requeue", job.requeue_target]
+    # Logged first: an accepted requeue cancels the job's processes, possibly this one, right away.
+    log.info("Requeueing SLURM job %s: %s", job.requeue_target, " ".join(command))
     started = time.monotonic()
     succeeded, output = _run(runner, command)
     if succeeded:
