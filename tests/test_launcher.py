@@ -213,3 +213,21 @@ def test_status_renders_a_real_journal(tmp_path: Path) -> None:
     raw = run_to_end([sys.executable, "-m", "resilient", "status", str(ckpt), "--json"]).output
     kinds = [event["event"] for event in json.loads(raw)["events"]]
     assert kinds == ["start", "exit", "finish"]
+
+
+def test_requeue_without_scontrol_keeps_checkpoint_and_75(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    empty_path = tmp_path / "bin"
+    empty_path.mkdir()
+    # A container without SLURM's commands: SLURM_JOB_ID is set, but scontrol is not on PATH.
+    env = job_env(PATH=str(empty_path), SLURM_JOB_ID="4242")
+    job = Job.start([*RUN, "--ckpt-dir", str(ckpt), "--requeue", "--", *torchrun_command(TRAIN_LM, *lm_args(ckpt))],
+                    env)
+    job.wait_for_step(8)
+    job.process.send_signal(signal.SIGUSR1)
+    status = job.wait()
+
+    assert status == 75, job.output[-3000:]
+    assert "preemption" in complete_steps(ckpt).values()
+    assert "scontrol requeue 4242" in job.output
+    assert "scontrol was not found on PATH" in job.output
