@@ -156,6 +156,8 @@ class Launcher:
             if self._wait_or_signal(delay):
                 log.warning("A %s arrived before the restart; exiting %d so the job is restarted later from "
                             "its latest complete checkpoint.", self._stop_signal, EXIT_PREEMPTED)
+                if self.options.requeue:
+                    self._requeue()
                 self._event("finish", status=EXIT_PREEMPTED, outcome="stopped before restart")
                 return EXIT_PREEMPTED
 
