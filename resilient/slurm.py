@@ -102,9 +102,10 @@ def requeue(job: SlurmJob, runner: Runner = subprocess.run) -> bool:
     """Ask SLURM to requeue ``job`` with ``scontrol requeue``; return whether it accepted.
 
     A failure (no ``scontrol`` in a container, a job without ``--requeue``) is
-    logged as an error with the command and its output. It never raises, because the
-    checkpoint is already committed, and exit status 75 still signals an outer
-    wrapper to start the job again.
+    logged as an error with the command and its output. Errors from running
+    ``scontrol`` are returned as False, not raised, because the checkpoint is
+    already committed and exit status 75 still signals an outer wrapper to
+    start the job again.
     """
     command = ["scontrol", "requeue", job.requeue_target]
     # Logged first: an accepted requeue cancels the job's processes, possibly this one, right away.

@@ -439,15 +439,15 @@ class Supervisor:
         decision = None
         if comm.rank == 0:
             first = self.recorder.first_event
-            fits, why = save_fits_grace(self.config.grace_period, first.monotonic if first else None,
+            fits, explanation = save_fits_grace(self.config.grace_period, first.monotonic if first else None,
                                         self.last_save.seconds)
-            decision = (fits, why)
-        fits, why = comm.broadcast_object(decision) if comm.distributed else decision
+            decision = (fits, explanation)
+        fits, explanation = comm.broadcast_object(decision) if comm.distributed else decision
         if fits:
-            log.info("Saving step %d before stopping: %s.", step, why)
+            log.info("Saving step %d before stopping: %s.", step, explanation)
         else:
             log.warning("Not saving step %d: %s. Exiting at once; the checkpoint of step %d stays the newest.",
-                        step, why, self._last_saved_step)
+                        step, explanation, self._last_saved_step)
         return fits
 
     # -- saving -------------------------------------------------------------------

@@ -64,20 +64,20 @@ def job_log(tmp_path: Path, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def wait_until(predicate, timeout: float, what: str, tmp_path: Path, job: str) -> None:
+def wait_until(predicate, timeout: float, description: str, tmp_path: Path, job: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             subprocess.run(["scancel", job], check=False)
-            shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{shown}\n"
+            details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            raise AssertionError(f"timed out after {timeout} s waiting for {description}:\n{details}\n"
                                  f"{job_log(tmp_path, job)[-4000:]}")
         time.sleep(0.5)
 
 
 def job_field(job: str, field: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    match = re.search(rf"\b{field}=(\S+)", shown)
+    details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", details)
     return match.group(1) if match else ""
 
 

@@ -34,7 +34,7 @@ def _number(name: str, value: float, minimum: float, allow_none: bool = False) -
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LaunchOptions:
-    """What ``resilient run`` supervises and how.
+    """Settings of ``resilient run``: the command, its checkpoint directory, signals, deadlines and restarts.
 
     ``ckpt_dir`` is the directory the training script checkpoints to, and the
     journal and the attempt counter live there too. Without it there is no

@@ -361,13 +361,13 @@ class Launcher:
                     relayed_to=[info.pid for info in sent])
         return self._clock() + self.options.grace
 
-    def _kill(self, tree: ProcessTree, why: str) -> None:
+    def _kill(self, tree: ProcessTree, reason: str) -> None:
         killed = tree.kill_all()
         if not killed:
             return
-        log.error("SIGKILLed %d processes %s: %s", len(killed), why,
+        log.error("SIGKILLed %d processes %s: %s", len(killed), reason,
                   "; ".join(info.describe() for info in killed))
-        self._event("kill", why=why, processes=[{"pid": info.pid, "command": info.command} for info in killed])
+        self._event("kill", why=reason, processes=[{"pid": info.pid, "command": info.command} for info in killed])
 
     def _on_hang(self, tree: ProcessTree, watchdog: Watchdog, report: HangReport) -> None:
         pids = {process.pid for process in tree.processes()}
