@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bytes of standard-library source to train on (default 200000, about 48 batches per "
                              "rank per epoch with the defaults, so runs cross epoch boundaries)")
     parser.add_argument("--log-every", type=int, default=10, help="print the loss every this many steps")
+    parser.add_argument("--async-save", action="store_true",
+                        help="write periodic checkpoints on a background thread while training goes on")
+    parser.add_argument("--async-busy", choices=("wait", "skip"), default="wait",
+                        help="when a save is due while a background save is still being written: wait for it "
+                             "(default) or skip this save")
+    parser.add_argument("--save-interval", default=None,
+                        help="also save every this many seconds, or 'auto' for the Young-Daly interval")
+    parser.add_argument("--mtbf", type=float, default=None,
+                        help="mean time between failures in seconds for --save-interval auto "
+                             "(default: observed from the run's journal)")
+    parser.add_argument("--grace-period", type=float, default=None,
+                        help="seconds between a stop signal and the scheduler's SIGKILL; a stop save that "
+                             "cannot fit is skipped")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="evaluate on held-out batches every this many steps, checking for a stop "
+                             "between batches (default 0: never)")
+    parser.add_argument("--eval-batches", type=int, default=20, help="batches per evaluation (default 20)")
+    parser.add_argument("--eval-delay", type=float, default=0.0,
+                        help="seconds to sleep per evaluation batch, to stand in for a long evaluation")
     parser.add_argument("--fsdp", action="store_true",
                         help="shard the model with FSDP2 (fully_shard) on a CPU device mesh instead of DDP")
     return parser.parse_args(argv)
@@ -149,6 +169,35 @@ def warmup_cosine(warmup: int, total: int):
 # -- training -----------------------------------------------------------------------
 
 
+def evaluate(model: nn.Module, dataset: ByteChunks, args: argparse.Namespace, sup: resilient.Supervisor,
+             step: int) -> None:
+    """Mean loss over the first ``--eval-batches`` batches, stopping early when the ranks agree to stop.
+
+    Dropout is off and no random numbers are drawn, so evaluating does not
+    change the training run's state.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index in range(args.eval_batches):
+            if sup.should_stop():
+                # The stop is saved right after this step, so the evaluation is cut short, not lost time.
+                if dist.get_rank() == 0:
+                    print(f"eval at step {step} stopped after {count} batches", flush=True)
+                break
+            start = (index * args.batch_size) % max(len(dataset) - args.batch_size, 1)
+            inputs, targets = (torch.stack(part) for part in zip(*(dataset[start + i]
+                                                                  for i in range(args.batch_size))))
+            logits = model(inputs)
+            total += F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1)).item()
+            count += 1
+            if args.eval_delay:
+                time.sleep(args.eval_delay)
+    model.train()
+    if dist.get_rank() == 0 and count == args.eval_batches:
+        print(f"eval at step {step}  loss {total / count:.4f}", flush=True)
+
+
 def train(args: argparse.Namespace, config: resilient.Config) -> None:
     rank = dist.get_rank()
 
@@ -187,6 +236,8 @@ def train(args: argparse.Namespace, config: resilient.Config) -> None:
             if rank == 0 and (step % args.log_every == 0 or step == 1):
                 print(f"step {step:4d}  epoch {sup.trainer.epoch}  loss {loss.item():.4f}  "
                       f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            if args.eval_every and step % args.eval_every == 0:
+                evaluate(ddp_model, dataset, args, sup, step)
 
     # Collective under FSDP: every rank gathers the shards in the same key order.
     digest = resilient.state_digest(ddp_model, optimizer)
@@ -198,7 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         # Checked before any work, so a bad flag costs nothing.
-        config = resilient.Config(ckpt_dir=args.ckpt_dir, save_every=args.save_every, keep=args.keep)
+        interval = args.save_interval
+        if interval is not None and interval != "auto":
+            try:
+                interval = float(interval)
+            except ValueError:
+                raise SystemExit(f"error: --save-interval must be a number of seconds or 'auto', "
+                                 f"got {interval!r}") from None
+        config = resilient.Config(ckpt_dir=args.ckpt_dir, save_every=args.save_every, keep=args.keep,
+                                  async_save=args.async_save, async_busy=args.async_busy,
+                                  save_interval=interval, mtbf=args.mtbf, grace_period=args.grace_period)
     except resilient.ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -47,9 +47,18 @@ class Agreement:
         self.calls = 0
         self.seconds = 0.0
         self._pending: tuple[Any, torch.Tensor] | None = None
-        self._ready: StopReason | None = None
+        self._ready: tuple[StopReason, bool] | None = None
         #: Returns True on this rank once the job's end time is near (see resilient.deadline).
         self.deadline_due: Callable[[], bool] | None = None
+        #: Returns True on this rank when a time-based save is due (see resilient.schedule).
+        self.save_wanted: Callable[[], bool] | None = None
+        #: Whether the last :meth:`agree` call agreed on a time-based save. Every rank reads the same value.
+        self.save_agreed = False
+        #: The step at which the ranks asked for the save that :attr:`save_agreed` reports.
+        self.save_asked_at: int | None = None
+        self._launched_at: int | None = None
+        #: A stop agreed by :meth:`check_now` inside a step; the step loop acts on it at the step's end.
+        self.forced = StopReason.NONE
 
     def due(self, step: int) -> bool:
         return step % self.check_every == 0
@@ -61,18 +70,29 @@ class Agreement:
             return StopReason.DEADLINE
         return StopReason.NONE
 
+    def _local_vector(self) -> list[int]:
+        wanted = self.save_wanted is not None and self.save_wanted()
+        return [int(self.local_reason()), int(wanted)]
+
     def agree(self, step: int) -> StopReason:
-        """Return the stop reason all ranks agree on at ``step``. Collective."""
+        """Return the stop reason all ranks agree on at ``step``. Collective.
+
+        Also sets :attr:`save_agreed`: whether any rank wants a time-based save.
+        """
         self.recorder.ensure_installed()
-        local = self.local_reason()
+        local = self._local_vector()
         start = time.perf_counter()
         if self.overlap:
             previous = self._ready if self._ready is not None else self._wait_pending()
             self._ready = None
+            self.save_asked_at = self._launched_at
             self._pending = self._launch(local)
-            agreed = previous if previous is not None else StopReason.NONE
+            self._launched_at = step
+            agreed, self.save_agreed = previous if previous is not None else (StopReason.NONE, False)
         else:
-            agreed = StopReason(self.comm.all_reduce_max(int(local)))
+            reason, wanted = self.comm.all_reduce_max_vector(local)
+            agreed, self.save_agreed = StopReason(reason), bool(wanted)
+            self.save_asked_at = step
         self.seconds += time.perf_counter() - start
         self.calls += 1
 
@@ -89,22 +109,40 @@ class Agreement:
         """
         result = self._wait_pending()
         if result is not None:
-            self._ready = max(self._ready or StopReason.NONE, result)
+            ready_reason, ready_save = self._ready or (StopReason.NONE, False)
+            self._ready = (max(ready_reason, result[0]), ready_save or result[1])
 
-    def _launch(self, local: StopReason) -> tuple[Any, torch.Tensor]:
-        tensor = torch.tensor([int(local)], dtype=torch.int64)
+    def check_now(self) -> StopReason:
+        """Agree on stopping right now, without the one-check delay of the overlap. Collective.
+
+        For long loops inside one step (evaluation, gradient accumulation).
+        A stop agreed here is kept in :attr:`forced` for the step loop.
+        """
+        self.drain()
+        reason, _wanted = self.comm.all_reduce_max_vector([int(self.local_reason()), 0])
+        agreed = StopReason(reason)
+        if agreed != StopReason.NONE:
+            if self.decision == StopReason.NONE:
+                self._log_decision(None, agreed)
+            self.decision = max(self.decision, agreed)
+            self.forced = max(self.forced, agreed)
+        return agreed
+
+    def _launch(self, local: list[int]) -> tuple[Any, torch.Tensor]:
+        tensor = torch.tensor(local, dtype=torch.int64)
         work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.comm.group, async_op=True)
         return work, tensor
 
-    def _wait_pending(self) -> StopReason | None:
+    def _wait_pending(self) -> tuple[StopReason, bool] | None:
         if self._pending is None:
             return None
         work, tensor = self._pending
         self._pending = None
         work.wait()
-        return StopReason(int(tensor.item()))
+        reason, wanted = tensor.tolist()
+        return StopReason(reason), bool(wanted)
 
-    def _log_decision(self, step: int, agreed: StopReason) -> None:
+    def _log_decision(self, step: int | None, agreed: StopReason) -> None:
         event = self.recorder.first_event
         if agreed == StopReason.DEADLINE:
             seen = "the job's end time is near"
@@ -112,7 +150,8 @@ class Agreement:
             seen = f"{event.name} arrived on this rank {time.monotonic() - event.monotonic:.2f} s ago"
         else:
             seen = "the signal arrived on another rank"
-        log.info("All ranks agreed to stop after step %d for %s (%s).", step, agreed.name.lower(), seen)
+        where = f"after step {step}" if step is not None else "inside the current step"
+        log.info("All ranks agreed to stop %s for %s (%s).", where, agreed.name.lower(), seen)
 
     @property
     def mean_seconds(self) -> float:

@@ -21,6 +21,13 @@ from resilient._logging import get_logger
 log = get_logger(__name__)
 
 
+def _ignore_single_process_warning() -> None:
+    # Adding an identical filter again replaces it, so calling this every time
+    # keeps the filter in place even when something reset the filters since.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled",
+                            module=r"torch\.distributed\.checkpoint")
+
+
 class Comm:
     """Collectives on resilient's group. Every method is collective: all ranks must call it."""
 
@@ -47,6 +54,13 @@ class Comm:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return int(tensor.item())
 
+    def all_reduce_max_vector(self, values: list[int]) -> list[int]:
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return [int(value) for value in tensor.tolist()]
+
     def all_gather_object(self, value: Any) -> list[Any]:
         if not self.distributed:
             return [value]
@@ -63,11 +77,27 @@ class Comm:
 
     @contextlib.contextmanager
     def quiet_single_process(self) -> Iterator[None]:
-        """Silence DCP's warning that it runs without a process group, which is intended here."""
-        with warnings.catch_warnings():
-            if not self.distributed:
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            yield
+        """Silence DCP's warning that it runs without a process group, which is intended here.
+
+        ``warnings.catch_warnings`` is not thread-safe and background saves call
+        DCP from another thread, so a narrow filter is installed once instead.
+        """
+        if not self.distributed:
+            _ignore_single_process_warning()
+        yield
+
+    def sibling(self) -> "Comm":
+        """Return a Comm on a new gloo group of the same ranks. Collective on the default group.
+
+        Background saves run their collectives on it, so they never interleave
+        with the agreement and synchronous saves on this group.
+        """
+        other = Comm.__new__(Comm)
+        other.timeout_seconds = self.timeout_seconds
+        other.rank, other.world_size = self.rank, self.world_size
+        other.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_seconds))
+                       if self.distributed else None)
+        return other
 
     def destroy(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -11,6 +11,7 @@ from resilient.signals import parse_signals, signals_from_env
 
 
 DATA_ON_RESIZE = ("error", "restart_epoch")
+ASYNC_BUSY = ("wait", "skip")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,15 @@ class Config:
         ckpt_dir: Directory for this run's checkpoints.
         save_every: Save a periodic checkpoint every this many steps; None saves only on
             preemption and at the end.
+        save_interval: Also save every this many seconds (checked at agreement steps, and agreed,
+            so every rank saves the same step), or ``"auto"`` for the Young–Daly interval
+            sqrt(2 · save cost · MTBF) from the measured save cost. None disables time-based saves.
+        mtbf: Mean time between failures in seconds for ``save_interval="auto"``; None observes it
+            from the run's journal.
+        async_save: Periodic, time-based and requested saves copy the state to host memory and write
+            it on a background thread; training goes on meanwhile. Stop and final saves stay synchronous.
+        async_busy: What a save due while a background save is still being written does: ``"wait"``
+            for it (the default) or ``"skip"`` this save.
         keep: Number of complete checkpoints to keep; older ones are removed after a newer one commits.
         check_every: Run the stop agreement every this many steps.
         signals: Signal names that request a stop; None reads ``RESILIENT_SIGNALS`` or uses
@@ -46,6 +56,10 @@ class Config:
 
     ckpt_dir: str | os.PathLike
     save_every: int | None = None
+    save_interval: float | str | None = None
+    mtbf: float | None = None
+    async_save: bool = False
+    async_busy: str = "wait"
     keep: int = 3
     check_every: int = 1
     signals: tuple[str, ...] | None = None
@@ -89,6 +103,18 @@ class Config:
                                                  or not self.deadline_margin > 0):
             raise ConfigError(f"deadline_margin must be a positive number of seconds or None, "
                               f"got {self.deadline_margin!r}")
+        if not (self.save_interval is None or self.save_interval == "auto" or (
+                isinstance(self.save_interval, (int, float)) and not isinstance(self.save_interval, bool)
+                and self.save_interval > 0)):
+            raise ConfigError(f"save_interval must be a positive number of seconds, 'auto' or None, "
+                              f"got {self.save_interval!r}")
+        if self.mtbf is not None and (isinstance(self.mtbf, bool) or not isinstance(self.mtbf, (int, float))
+                                      or not self.mtbf > 0):
+            raise ConfigError(f"mtbf must be a positive number of seconds or None, got {self.mtbf!r}")
+        if not isinstance(self.async_save, bool):
+            raise ConfigError(f"async_save must be True or False, got {self.async_save!r}")
+        if self.async_busy not in ASYNC_BUSY:
+            raise ConfigError(f"async_busy must be one of {', '.join(map(repr, ASYNC_BUSY))}, got {self.async_busy!r}")
         if self.data_on_resize not in DATA_ON_RESIZE:
             raise ConfigError(f"data_on_resize must be one of {', '.join(map(repr, DATA_ON_RESIZE))}, "
                               f"got {self.data_on_resize!r}")

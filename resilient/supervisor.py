@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from resilient._logging import CONTEXT, get_logger
 from resilient.agreement import Agreement, StopReason
+from resilient.checkpoint.background import BackgroundSaver
 from resilient.checkpoint.commit import SaveResult, save_checkpoint
 from resilient.checkpoint.layout import REASONS, Manifest, ManifestError, record_resume_from
 from resilient.checkpoint.load import load_latest
@@ -33,11 +34,13 @@ from resilient.codec import flatten, unflatten
 from resilient.comm import Comm
 from resilient.config import Config
 from resilient.data import BatchStream
-from resilient.deadline import Deadline, resolve_end_time, save_fits_grace
+from resilient.deadline import Deadline, resolve_end_time
 from resilient.errors import CheckpointError, ConfigError, Preempted
 from resilient.progress import FINISHED, PREEMPTED, ProgressReporter
 from resilient.run_dir import pending_resume_from, prepare_run_dir, set_aside_newer
+from resilient.schedule import SaveSchedule
 from resilient.signals import SignalRecorder
+from resilient.stopping import StopAndSaveDecisions
 from resilient.state import Registered, Stateful, TrainerState, restore_rng
 from resilient.validation import check_disk_space, warn_on_version_change
 
@@ -61,7 +64,7 @@ def _batch_length(batch: Any) -> int | None:
     return None
 
 
-class Supervisor:
+class Supervisor(StopAndSaveDecisions):
     """Preemption handling and coordinated checkpoints for one training process.
 
     Creating it installs the signal handlers (main thread only); leaving the
@@ -94,6 +97,12 @@ class Supervisor:
         self._grace_warned = False
         self._step_seconds: float | None = None
         self._progress: ProgressReporter | None = None
+        self._background: BackgroundSaver | None = None
+        self._schedule = SaveSchedule(self.config.save_interval, self.config.mtbf, self.config.root)
+        self._last_save_started_step: int | None = None
+        self._signal_at: float | None = None
+        #: Seconds the training loop was blocked by the last save (all of it when synchronous).
+        self.last_blocking_seconds: float | None = None
 
         self.recorder = SignalRecorder(self.config.signals)
         self.recorder.install()
@@ -107,14 +116,30 @@ class Supervisor:
         self.close()
 
     def close(self) -> None:
-        """Restore the previous signal handlers and release resilient's process group."""
+        """Restore the previous signal handlers and release resilient's process groups.
+
+        A background save still being written is waited for (up to
+        ``collective_timeout``); one abandoned for a stop never publishes.
+        """
+        if self._closed:
+            return
         self._closed = True
         self.recorder.restore()
+        writers_done = True
+        if self._background is not None:
+            writers_done = self._background.join_all(self.config.collective_timeout)
+            flight = self._background.take_finished()
+            if flight is not None:
+                self._collect(flight, raise_errors=False)
+            if not writers_done:
+                log.warning("A background save is still being written at exit; it will not be marked complete.")
         if self._progress is not None:
             self._progress.close()
         if self._comm is not None:
             # A gloo group left alive at interpreter exit can abort the process
             # ("terminate called without an active exception") instead of exiting 75.
+            if self._background is not None and writers_done:
+                self._background.writer.destroy()
             self._comm.destroy()
 
     @property
@@ -165,6 +190,10 @@ class Supervisor:
             # init_process_group may have loaded a library that took over a signal.
             self.recorder.ensure_installed()
             self._agreement = Agreement(self._comm, self.recorder, self.config.check_every)
+            if self._schedule.enabled:
+                self._agreement.save_wanted = self._schedule.wanted
+            if self.config.async_save:
+                self._background = BackgroundSaver(self._comm.sibling(), self.config.root, self.config.keep)
             self._progress = ProgressReporter(self.config.root, self._comm.rank, self.recorder)
         return self._comm
 
@@ -227,6 +256,7 @@ class Supervisor:
             self._apply_loaded(comm, *loaded, like=like, resume_from=resume_from, started=started)
         self._check_disk_space(comm, loaded[0] if loaded else None)
         self._arm_deadline(comm)
+        self._schedule.start(loaded[0].save_seconds if loaded else None)
         assert self._progress is not None
         self._progress.resumed(self.trainer.step, self.resumed_from)
         return self.trainer
@@ -363,62 +393,46 @@ class Supervisor:
             restore_rng(self._pending_rng)
             self._pending_rng = None
 
-    def _check_grace_period(self, step: int, seconds: float) -> None:
-        """Warn once when a stop signal could not be turned into a committed checkpoint within the grace period."""
-        # The deadline margin uses this moving average too.
-        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
-        grace = self.config.grace_period
-        if grace is None or self._grace_warned:
-            return
-        if step < 3:
-            return
-        # With the overlapped agreement a signal takes effect up to two checks later.
-        lag_steps = 2 * self.config.check_every
-        save_seconds = self.last_save.seconds if self.last_save is not None else 0.0
-        worst = lag_steps * self._step_seconds + save_seconds
-        if worst <= grace:
-            return
-        self._grace_warned = True
-        fitting = max(1, int((grace - save_seconds) / (2 * self._step_seconds))) if grace > save_seconds else None
-        advice = (f"set check_every to {fitting} or less" if fitting is not None
-                  else "the save alone takes longer, so make checkpoints smaller or ask for a longer grace period")
-        log.warning("A stop signal may not be saved within grace_period=%.0f s: with check_every=%d and steps of "
-                    "%.2f s it takes effect up to %.1f s later, and the last save took %.1f s; %s.", grace,
-                    self.config.check_every, self._step_seconds, lag_steps * self._step_seconds, save_seconds,
-                    advice)
-
     def _after_step(self, step: int, max_steps: int) -> bool:
         """Run the step-boundary decisions; return True when the loop must end."""
+        assert self._agreement is not None and self._progress is not None
+        self._collect_finished()
         if step >= max_steps:
             self._save_requested = None
+            self._settle_background()
             if self._last_saved_step != step:
                 self.save("final")
-            assert self._progress is not None
             self._progress.exiting(step, FINISHED)
             return True
 
-        assert self._agreement is not None
         requested, self._save_requested = self._save_requested, None
-        agreed = self._agreement.agree(step) if self._agreement.due(step) else StopReason.NONE
+        if self._agreement.forced != StopReason.NONE:
+            # should_stop() already agreed on stopping inside this step.
+            agreed = self._agreement.forced
+        else:
+            agreed = self._agreement.agree(step) if self._agreement.due(step) else StopReason.NONE
         if agreed != StopReason.NONE:
             self._stop(step, "deadline" if agreed == StopReason.DEADLINE else "preemption")
             return True
 
         if requested is not None:
-            self.save(requested)
+            self._scheduled_save(step, requested)
         elif self.config.save_every and step % self.config.save_every == 0:
-            self.save("periodic")
+            self._scheduled_save(step, "periodic")
+        elif self._agreement.save_agreed and self._time_save_still_due():
+            self._scheduled_save(step, "periodic")
         return False
 
     def _stop(self, step: int, reason: str) -> None:
         """Save ``step`` unless the grace period is too short, then raise ``Preempted`` (or just return)."""
         assert self._progress is not None
         self._progress.stopping(step, reason)
+        self._signal_at = self._first_signal_anywhere()
+        self._resolve_background(step, reason)
         saved_step = step
         if self._last_saved_step != step:
             if reason == "preemption" and not self._save_fits_grace(step):
-                assert self._last_saved_step is not None
-                saved_step = self._last_saved_step
+                saved_step = self._last_saved_step if self._last_saved_step is not None else 0
             else:
                 self.save(reason)
         self.preempted = True
@@ -430,25 +444,6 @@ class Supervisor:
                 log.info("Exiting with status 75 after step %d without a checkpoint of it; the newest is step %d.",
                          step, saved_step)
             raise Preempted(step, str(self.config.root / f"step_{saved_step:09d}"))
-
-    def _save_fits_grace(self, step: int) -> bool:
-        """Decide on rank 0 whether the stop save fits the grace period left, for every rank. Collective."""
-        comm = self._connect()
-        if self.config.grace_period is None or self.last_save is None:
-            return True
-        decision = None
-        if comm.rank == 0:
-            first = self.recorder.first_event
-            fits, explanation = save_fits_grace(self.config.grace_period, first.monotonic if first else None,
-                                        self.last_save.seconds)
-            decision = (fits, explanation)
-        fits, explanation = comm.broadcast_object(decision) if comm.distributed else decision
-        if fits:
-            log.info("Saving step %d before stopping: %s.", step, explanation)
-        else:
-            log.warning("Not saving step %d: %s. Exiting at once; the checkpoint of step %d stays the newest.",
-                        step, explanation, self._last_saved_step)
-        return fits
 
     # -- saving -------------------------------------------------------------------
 
@@ -485,20 +480,31 @@ class Supervisor:
         if not self._resumed:
             raise RuntimeError("call resume() (or start train()/steps()) before save()")
         assert self._run_id is not None and self._agreement is not None
+        if self._background is not None:
+            # One save at a time: a background save still being written finishes first.
+            self._collect(self._background.wait(), raise_errors=reason in ("manual", "periodic"))
         self._agreement.drain()
         step = self.trainer.step
         assert self._progress is not None
         self._progress.saving(step)
+        self._last_save_started_step = step
         result = save_checkpoint(
             comm, self.config.root, run_id=self._run_id, step=step, reason=reason,
             flatten_state=self._flatten_for_save, trainer=self.trainer.state_dict(), layout=self._registered.layout(),
         )
-        self._last_saved_step = step
-        self.last_save = result
-        self._progress.committed(step, reason, result.total_bytes, result.seconds, result.path)
+        self.last_blocking_seconds = result.seconds
+        self._schedule.saved(result.seconds)
+        self._record_commit(result)
         if comm.rank == 0:
             try:
                 apply_retention(self.config.root, self._run_id, self.config.keep, committed_step=step)
             except (OSError, CheckpointError) as err:
                 log.error("Retention after step %d failed: %s", step, err)
         return result
+
+    def _record_commit(self, result: SaveResult) -> None:
+        if self._last_saved_step is None or result.step >= self._last_saved_step:
+            self._last_saved_step = result.step
+        self.last_save = result
+        assert self._progress is not None
+        self._progress.committed(result.step, result.reason, result.total_bytes, result.seconds, result.path)

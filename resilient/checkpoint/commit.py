@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -55,6 +56,41 @@ log = get_logger(__name__)
 #: Seconds each rank sleeps between writing its files and reporting them. A
 #: test hook that widens the window in which a kill lands mid-save.
 DEBUG_COMMIT_DELAY_ENV = "RESILIENT_DEBUG_COMMIT_DELAY"
+
+
+class PublishGate:
+    """Lets another thread abandon a background save up to the moment its marker is written.
+
+    The committing rank calls :meth:`enter` right before publishing; whoever
+    abandons the save calls :meth:`close`. Exactly one of them wins: a closed
+    gate is never entered, and a gate being entered cannot be closed, so an
+    abandoned save never appears complete and a published one is never
+    reported as abandoned.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "open"
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    def enter(self) -> bool:
+        """Claim the right to publish; False when the save was abandoned."""
+        with self._lock:
+            if self._state == "closed":
+                return False
+            self._state = "publishing"
+            return True
+
+    def close(self) -> bool:
+        """Abandon the save; False when it is already publishing or published."""
+        with self._lock:
+            if self._state == "publishing":
+                return False
+            self._state = "closed"
+            return True
 
 
 @dataclass(frozen=True)
@@ -140,11 +176,13 @@ def save_checkpoint(
     flatten_state: Callable[[], tuple[Mapping[str, torch.Tensor], list[str]]],
     trainer: Mapping[str, Any],
     layout: Mapping[str, Any] | None = None,
+    gate: PublishGate | None = None,
 ) -> SaveResult:
     """Save and commit one checkpoint. Collective: every rank of ``comm`` must call it.
 
     When it returns, the checkpoint is durable and its marker exists on disk.
     On any failure every rank raises :class:`CheckpointError` and no marker exists.
+    A ``gate`` closed before the commit abandons the save the same way.
     """
     started = time.monotonic()
 
@@ -202,8 +240,12 @@ def save_checkpoint(
     entries: list[FileEntry] = []
     error = None
     try:
-        entries = report_files(staging, comm.rank)
-        fsync_dir(staging)
+        if gate is not None and gate.closed:
+            # Abandoned: skip reading the files back; the commit below will not publish.
+            error = "abandoned before it finished"
+        else:
+            entries = report_files(staging, comm.rank)
+            fsync_dir(staging)
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = _local_error("syncing and checksumming files", err)
     reports = comm.all_gather_object((entries, error))
@@ -213,7 +255,7 @@ def save_checkpoint(
     if comm.rank == 0:
         outcome = _commit(root, staging, reports, run_id=run_id, step=step, reason=reason,
                           world_size=comm.world_size, trainer=trainer, started=started, json_keys=all_json_keys,
-                          layout=dict(layout or {}, world_size=comm.world_size))
+                          layout=dict(layout or {}, world_size=comm.world_size), gate=gate)
     total_bytes, error = comm.broadcast_object(outcome)
     if error:
         raise CheckpointError(f"checkpoint save of step {step} was not committed: {error}")
@@ -225,7 +267,8 @@ def save_checkpoint(
 
 def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step: int, reason: str,
             world_size: int, trainer: Mapping[str, Any], started: float,
-            json_keys: list[str], layout: dict[str, Any]) -> tuple[int, str | None]:
+            json_keys: list[str], layout: dict[str, Any],
+            gate: PublishGate | None = None) -> tuple[int, str | None]:
     failed = {rank: err for rank, (_entries, err) in enumerate(reports) if err}
     if len(reports) != world_size or failed:
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,6 +282,9 @@ def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step:
                         created_at=time.time(), save_seconds=time.monotonic() - started,
                         trainer=dict(trainer), versions=current_versions(), json_keys=tuple(json_keys),
                         layout=layout)
+    if gate is not None and not gate.enter():
+        shutil.rmtree(staging, ignore_errors=True)
+        return 0, "abandoned before it finished; nothing was published"
     try:
         publish(staging, root / checkpoint_name(step), manifest)
     except Exception as err:  # noqa: BLE001 - every rank must hear about it through the broadcast

@@ -1,10 +1,11 @@
 """A small 2-rank training job whose save fails on one rank at a chosen step.
 
-Usage: torchrun --nproc-per-node 2 faulty_save.py CKPT_DIR PHASE FAIL_STEP
+Usage: torchrun --nproc-per-node 2 faulty_save.py CKPT_DIR PHASE FAIL_STEP [async]
 
 PHASE is ``prepare`` (a registered object's state_dict() raises), ``write``
 (the DCP file writer raises ENOSPC, as on a full disk) or ``report``
 (checksumming the written files raises). The failure happens on rank 1 only.
+With ``async`` the periodic saves run in the background.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import resilient
 import resilient.checkpoint.commit as commit
 
 ckpt_dir, phase, fail_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+async_save = sys.argv[4:] == ["async"]
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -45,7 +47,8 @@ if rank == 1 and phase == "write":
     original_write = torch.distributed.checkpoint.FileSystemWriter.write_data
 
     def failing_write(self, plan, planner):
-        if current_step == fail_step:
+        # The staging directory names the step; a background save writes after training moved on.
+        if f"step_{fail_step:09d}" in str(self.path):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         return original_write(self, plan, planner)
 
@@ -55,7 +58,7 @@ if rank == 1 and phase == "report":
     original_checksum = commit.checksum_file
 
     def failing_checksum(path):
-        if current_step == fail_step:
+        if f"step_{fail_step:09d}" in str(path):
             raise OSError(errno.EIO, "Input/output error (injected)")
         return original_checksum(path)
 
@@ -66,7 +69,8 @@ model = DistributedDataParallel(torch.nn.Linear(8, 8))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 started = time.monotonic()
 try:
-    with resilient.Supervisor(ckpt_dir=ckpt_dir, save_every=3, collective_timeout=30) as sup:
+    with resilient.Supervisor(ckpt_dir=ckpt_dir, save_every=3, collective_timeout=30,
+                              async_save=async_save) as sup:
         sup.register(model=model, optimizer=optimizer, stateful={"counter": Counter()})
         for step in sup.steps(9):
             current_step = step
