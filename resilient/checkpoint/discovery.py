@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from resilient._logging import get_logger
 from resilient.checkpoint.fsutil import directory_size
@@ -100,20 +101,38 @@ def scan(root: Path, run_id: str | None = None) -> list[CheckpointInfo]:
     return found
 
 
-def complete_newest_first(root: Path, run_id: str | None, *, log_skips: bool = True) -> list[CheckpointInfo]:
-    """Return the complete checkpoints of ``run_id``, newest first.
+def iter_complete_newest_first(root: Path, run_id: str | None, *, log_skips: bool = True) -> Iterator[CheckpointInfo]:
+    """Yield the complete checkpoints of ``run_id``, newest first, inspecting directories only as needed.
 
-    Every directory newer than the newest complete one that is skipped gets one
-    log line saying why, since those are the ones a user would expect to resume.
+    Names are sorted by step first, so finding the newest complete checkpoint
+    reads one or two manifests however many directories there are. Every
+    directory newer than the newest complete one that is skipped gets one log
+    line saying why, since those are the ones a user would expect to resume.
     """
-    infos = scan(root, run_id)
-    complete = [info for info in infos if info.status == COMPLETE]
-    if log_skips:
-        newest = complete[-1].step if complete else -1
-        for info in infos:
-            if info.status != COMPLETE and info.step >= newest:
-                log.warning("Skipping %s (%s): %s.", info.path, info.status, info.problem)
-    return list(reversed(complete))
+    try:
+        names = [entry.name for entry in os.scandir(root)]
+    except FileNotFoundError:
+        return
+    # Newest step first; at equal steps the final name before staging and set-aside ones.
+    ordered = sorted(((parsed[0], parsed[1] != "final", name) for name in names
+                      if (parsed := parse_dir_name(name)) is not None), key=lambda item: (-item[0], item[1], item[2]))
+    found_one = False
+    newest = -1
+    for _step, _not_final, name in ordered:
+        info = inspect(root / name, run_id)
+        if info is None:
+            continue
+        if info.status == COMPLETE:
+            if not found_one:
+                found_one, newest = True, info.step
+            yield info
+        elif log_skips and (not found_one or info.step >= newest):
+            log.warning("Skipping %s (%s): %s.", info.path, info.status, info.problem)
+
+
+def complete_newest_first(root: Path, run_id: str | None, *, log_skips: bool = True) -> list[CheckpointInfo]:
+    """Return all complete checkpoints of ``run_id``, newest first (see :func:`iter_complete_newest_first`)."""
+    return list(iter_complete_newest_first(root, run_id, log_skips=log_skips))
 
 
 def size_on_disk(info: CheckpointInfo) -> int:

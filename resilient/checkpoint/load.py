@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -13,8 +12,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from resilient._logging import get_logger
-from resilient.checkpoint.discovery import complete_newest_first
-from resilient.checkpoint.fsutil import checksum_file
+from resilient.checkpoint.discovery import iter_complete_newest_first
+from resilient.checkpoint.fsutil import checksum_file, checksum_supported
 from resilient.checkpoint.layout import Manifest, ManifestError, aside_name, parse_dir_name, read_manifest
 from resilient.codec import Leaf
 from resilient.comm import Comm
@@ -29,8 +28,7 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
     File ``i`` is checked by rank ``i % world_size``, so together the ranks read
     each file once.
     """
-    # SHAKE digests need a length, which the manifest does not record.
-    if manifest.checksum_algorithm not in hashlib.algorithms_available or manifest.checksum_algorithm.startswith("shake"):
+    if not checksum_supported(manifest.checksum_algorithm):
         return [f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r} in the manifest"]
     problems = []
     if rank == 0 and ".metadata" not in {entry.path for entry in manifest.files}:
@@ -78,14 +76,21 @@ def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf
     return sized
 
 
-def _candidates(comm: Comm, root: Path, run_id: str, resume_from: Path | None) -> list[str]:
-    if comm.rank != 0:
-        return comm.broadcast_object(None)
-    if resume_from is not None:
-        paths = [str(resume_from)]
-    else:
-        paths = [str(info.path) for info in complete_newest_first(root, run_id)]
-    return comm.broadcast_object(paths)
+def _candidates(comm: Comm, root: Path, run_id: str, resume_from: Path | None) -> Iterator[str]:
+    """Yield the checkpoints to try, newest first, the same on every rank. Collective at each step.
+
+    Rank 0 inspects directories lazily and broadcasts one candidate at a time,
+    so the usual resume reads only the newest checkpoint's manifest.
+    """
+    source: Iterator[str] = iter(())
+    if comm.rank == 0:
+        source = iter([str(resume_from)]) if resume_from is not None else (
+            str(info.path) for info in iter_complete_newest_first(root, run_id))
+    while True:
+        path = comm.broadcast_object(next(source, None) if comm.rank == 0 else None)
+        if path is None:
+            return
+        yield path
 
 
 def _set_aside_corrupt(paths: list[Path]) -> None:
@@ -128,7 +133,8 @@ def load_latest(
     """
     candidates = _candidates(comm, root, run_id, resume_from)
     corrupt: list[Path] = []
-    for position, text in enumerate(candidates):
+    text = next(candidates, None)
+    while text is not None:
         path = Path(text)
         problems: list[str] = []
         manifest: Manifest | None = None
@@ -140,8 +146,9 @@ def load_latest(
         all_problems = [p for rank_problems in comm.all_gather_object(problems) for p in rank_problems]
         if all_problems or manifest is None:
             corrupt.append(path)
+            text = next(candidates, None)
             if comm.rank == 0:
-                action = "trying the next older one" if position + 1 < len(candidates) else "no older one is left"
+                action = "trying the next older one" if text is not None else "no older one is left"
                 log.error("Checkpoint %s is corrupt (%s): %s", path, action, "; ".join(all_problems))
             continue
 
@@ -163,9 +170,10 @@ def load_latest(
             raise CheckpointLoadError(f"loading checkpoint {path} failed: {err}") from err
         if comm.rank == 0 and resume_from is None:
             _set_aside_corrupt(corrupt)
+        candidates.close()
         return manifest, sized
 
-    if candidates:
+    if corrupt:
         names = ", ".join(str(path) for path in corrupt)
         raise CheckpointLoadError(
             f"no checkpoint could be verified ({names}); the errors above name each bad file. Repair or move "
