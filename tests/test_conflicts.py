@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from resilient.checkpoint.conflicts import describe_conflicts, find_conflicts, fingerprint, fingerprints
@@ -55,3 +56,12 @@ def test_describe_conflicts_names_keys_and_limit() -> None:
     assert "'model.0.weight' (ranks [0] vs [1])" in message
     assert "and 8 more" in message
     assert "pipeline-stage prefix" in message
+
+
+@pytest.mark.parametrize("count", [2**24 + 3, 2**25, 2**25 + 1])
+def test_fingerprint_of_tensors_beyond_float32_exact_integers(count: int) -> None:
+    # Beyond 2**24, float32 cannot hold every index; sampling positions computed in
+    # float32 rounded count - 1 up to count and indexed past the end (seen at 2**27 floats).
+    tensor = torch.zeros(count, dtype=torch.uint8)
+    tensor[-1] = 7
+    assert fingerprint(tensor) != fingerprint(torch.zeros(count, dtype=torch.uint8)), "the last element is sampled"

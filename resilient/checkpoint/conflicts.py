@@ -26,7 +26,9 @@ def fingerprint(tensor: torch.Tensor) -> str:
     flat = values.reshape(-1)
     count = flat.numel()
     if count > SAMPLE_SIZE:
-        flat = flat[torch.linspace(0, count - 1, SAMPLE_SIZE, device=flat.device).long()]
+        # Integer positions: float32 linspace rounds count - 1 up to count beyond 2**24 elements.
+        positions = torch.arange(SAMPLE_SIZE, dtype=torch.int64, device=flat.device) * (count - 1) // (SAMPLE_SIZE - 1)
+        flat = flat[positions]
     digest = hashlib.blake2b(digest_size=12)
     digest.update(f"{values.dtype}:{tuple(values.shape)}".encode())
     if flat.numel():
