@@ -383,8 +383,9 @@ def preempt(megabytes_per_rank: int, work: Path) -> dict[str, Any]:
     marked = [path for path in ckpt.glob("step_*") if (path / MARKER_NAME).exists()
               and json.loads((path / MARKER_NAME).read_text())["reason"] == "preemption"]
     total = 2 * megabytes_per_rank * MIB
+    # Without a marked preemption checkpoint the time measures a failure, not a save.
     return {"preempt_measured_s": seconds, "preempt_bytes": total, "preempt_marked": bool(marked),
-            "preempt_to_exit_s": seconds * (1 << 30) / total}
+            "preempt_to_exit_s": seconds * (1 << 30) / total if marked else None}
 
 
 # -- report -------------------------------------------------------------------------------
