@@ -147,8 +147,10 @@ def _process_writer(requests: Any, done: Any, staged: dict[str, torch.Tensor]) -
 
 
 def single_process(megabytes: int, work: Path, rounds: int) -> dict[str, Any]:
+    # The model alone. For an optimizer without state (SGD without momentum) and parameters without
+    # gradients, as here, torch's get_state_dict() allocates zero gradients and runs a step at every
+    # call, which would charge resilient for work that plain DCP never does.
     model = make_model(megabytes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     size = state_bytes(model)
     out: dict[str, Any] = {"state_bytes": size}
     times: dict[str, list[float]] = {"dd": [], "resilient": [], "dcp": [], "torch_save": []}
@@ -163,7 +165,7 @@ def single_process(megabytes: int, work: Path, rounds: int) -> dict[str, Any]:
 
     def run_resilient(index: int) -> None:
         with resilient.Supervisor(ckpt_dir=work / f"sync-{index}", deadline=None, keep=1) as sup:
-            sup.register(model=model, optimizer=optimizer)
+            sup.register(model=model)
             sup.resume()
             start = time.perf_counter()
             sup.save("manual")
@@ -212,7 +214,7 @@ def single_process(megabytes: int, work: Path, rounds: int) -> dict[str, Any]:
         fresh = make_model(megabytes)
         evict(checkpoint)
         with resilient.Supervisor(ckpt_dir=checkpoint, deadline=None) as sup:
-            sup.register(model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=1e-3))
+            sup.register(model=fresh)
             start = time.perf_counter()
             sup.resume()
             if index:  # the first resume in a process also imports DCP's loading code
@@ -231,8 +233,10 @@ def single_process(megabytes: int, work: Path, rounds: int) -> dict[str, Any]:
 
 def background_worker(megabytes: int, work: Path) -> None:
     """Run in a new process, so the memory measured is not memory freed by earlier sections."""
+    # The model alone. For an optimizer without state (SGD without momentum) and parameters without
+    # gradients, as here, torch's get_state_dict() allocates zero gradients and runs a step at every
+    # call, which would charge resilient for work that plain DCP never does.
     model = make_model(megabytes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     size = state_bytes(model)
     out: dict[str, Any] = {"seconds": {}}
     # Background saves: the first allocates the staging buffers, the later ones reuse them.
@@ -241,7 +245,7 @@ def background_worker(megabytes: int, work: Path) -> None:
     blocks = []
     thread_rate = 0.0
     with resilient.Supervisor(ckpt_dir=work / "async", deadline=None, keep=1, async_save=True) as sup:
-        sup.register(model=model, optimizer=optimizer)
+        sup.register(model=model)
         sup.resume()
         busy = sup._background.busy  # noqa: SLF001 - the benchmark looks inside on purpose
         for step in sup.steps(7):
@@ -384,19 +388,23 @@ def preempt(megabytes_per_rank: int, work: Path) -> dict[str, Any]:
               and json.loads((path / MARKER_NAME).read_text())["reason"] == "preemption"]
     total = 2 * megabytes_per_rank * MIB
     # Without a marked preemption checkpoint the time measures a failure, not a save.
+    # Below 1 GiB (--quick) the time is scaled linearly, fixed costs included, so it overstates.
     return {"preempt_measured_s": seconds, "preempt_bytes": total, "preempt_marked": bool(marked),
+            "preempt_scaled": total != 1 << 30,
             "preempt_to_exit_s": seconds * (1 << 30) / total if marked else None}
 
 
 # -- report -------------------------------------------------------------------------------
 
 
-def verdict(key: str, value: float | None) -> str:
+def verdict(key: str, value: float | None, details: dict[str, Any]) -> str:
     direction, goal, _meaning = GOALS[key]
     if value is None:
         return "not measured"
     if not direction:
         return ""
+    if key == "preempt_to_exit_s" and details.get("preempt_scaled"):
+        return "scaled, not checked"
     met = value <= goal if direction == "<=" else value >= goal
     return f"goal {direction} {goal:g}: {'met' if met else 'missed'}"
 
@@ -452,10 +460,11 @@ def main() -> None:
     for key, (_direction, _goal, meaning) in GOALS.items():
         value = results.get(key)
         shown = "n/a" if value is None else f"{value:.3f}"
-        print(f"{key:<27} {shown:>10}  {verdict(key, value):<20} {meaning}")
+        print(f"{key:<27} {shown:>10}  {verdict(key, value, details):<20} {meaning}")
     state = details["state_bytes"] / MIB
+    scaled = " and scaled linearly to 1 GiB" if details["preempt_scaled"] else ""
     print(f"\nsingle-process state {state:.0f} MiB; preemption measured {details['preempt_measured_s']:.2f} s for "
-          f"{details['preempt_bytes'] / MIB:.0f} MiB and scaled linearly to 1 GiB"
+          f"{details['preempt_bytes'] / MIB:.0f} MiB{scaled}"
           f"{'' if details['preempt_marked'] else ' (NO preemption checkpoint was marked)'}.")
     print("seconds: " + ", ".join(f"{name} {value:.3f}" for name, value in details["seconds"].items()))
 

@@ -267,8 +267,20 @@ def main(argv: list[str] | None = None) -> None:
     resilient.init_process_group("gloo")
     try:
         train(args, config)
+    except SystemExit as stop:  # resilient.Preempted is a SystemExit with status 75
+        status = stop.code if isinstance(stop.code, int) else 1
+    else:
+        status = 0
     finally:
         dist.destroy_process_group()
+    if args.fsdp:
+        # With FSDP on gloo, torch 2.13 can abort during interpreter shutdown, after everything is saved
+        # (docs/fsdp.md, "Known issue"). Ending the process here skips that shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

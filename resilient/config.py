@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +106,15 @@ class Config:
                               f"got {self.deadline_margin!r}")
         if not (self.save_interval is None or self.save_interval == "auto" or (
                 isinstance(self.save_interval, (int, float)) and not isinstance(self.save_interval, bool)
-                and self.save_interval > 0)):
+                and 0 < self.save_interval < math.inf)):
             raise ConfigError(f"save_interval must be a positive number of seconds, 'auto' or None, "
                               f"got {self.save_interval!r}")
         if self.mtbf is not None and (isinstance(self.mtbf, bool) or not isinstance(self.mtbf, (int, float))
-                                      or not self.mtbf > 0):
+                                      or not 0 < self.mtbf < math.inf):
             raise ConfigError(f"mtbf must be a positive number of seconds or None, got {self.mtbf!r}")
+        if self.mtbf is not None and self.save_interval != "auto":
+            raise ConfigError(f"mtbf={self.mtbf!r} only sets the adaptive save interval; pass save_interval='auto' "
+                              f"with it (save_interval is {self.save_interval!r}), or drop mtbf")
         if not isinstance(self.async_save, bool):
             raise ConfigError(f"async_save must be True or False, got {self.async_save!r}")
         if self.async_busy not in ASYNC_BUSY:

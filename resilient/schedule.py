@@ -10,8 +10,8 @@ saves; saving less often loses more work at each failure.
   the previous save, when asynchronous).
 - ``MTBF`` is configured, or observed from the run's journal: the time the run
   has been training, over its attempts, divided by the number of interruptions
-  plus one. Counting one more failure than seen keeps a run that has not failed
-  yet from stretching the interval without bound.
+  plus one. Until an interruption has been seen it is at least an hour, so the
+  first minutes of a fresh run do not make it save every few seconds.
 
 A background save cannot start before the previous one is written, so the
 adaptive interval is never shorter than the last background write.
@@ -39,6 +39,10 @@ AUTO = "auto"
 #: (a fresh run), or half the MTBF when that is shorter; that save measures the cost.
 FIRST_SAVE_SECONDS = 60.0
 
+
+#: Lower bound of an observed MTBF while no interruption has been seen: a run
+#: that has trained for ten minutes without failing says little about its MTBF.
+MIN_UNFAILED_MTBF_SECONDS = 3600.0
 
 #: Events written by the training processes while they train (not by resilient run between attempts).
 _TRAINING_EVENTS = ("signal", "stop", "checkpoint")
@@ -113,6 +117,10 @@ class SaveSchedule:
             return float(self.mtbf_setting), "configured"
         uptime = self._earlier_uptime + (self._clock() - self._started)
         failures = self._earlier_attempts
+        if failures == 0:
+            return max(uptime, MIN_UNFAILED_MTBF_SECONDS), (
+                f"observed: no interruption in {uptime:.0f} s of training, so at least "
+                f"{MIN_UNFAILED_MTBF_SECONDS:.0f} s")
         return uptime / (failures + 1), f"observed: {uptime:.0f} s of training over {failures} interruptions, plus one"
 
     def interval(self) -> float | None:

@@ -186,13 +186,14 @@ class StopAndSaveDecisions:
         left = grace - (time.monotonic() - self._signal_at)
         remaining = self._background.remaining_estimate()
         next_save = self.last_save.seconds if self.last_save is not None else None
-        if remaining is None or next_save is None:
-            return "wait", "its duration cannot be estimated yet"
-        if remaining + next_save <= left:
+        if remaining is not None and next_save is not None and remaining + next_save <= left:
             return "wait", (f"about {remaining:.1f} s of it and {next_save:.1f} s for the stop save fit in the "
                             f"{left:.1f} s left of the grace period")
         if not self._background.close_gate():
             return "wait", "it is already writing its completion marker"
+        if remaining is None or next_save is None:
+            # The first background save: nothing says it ends in time, and the stop step matters more.
+            return "abandon", f"its duration is not known yet and only {left:.1f} s of the grace period are left"
         return "abandon", (f"about {remaining:.1f} s of it plus {next_save:.1f} s for the stop save exceed the "
                            f"{left:.1f} s left of the grace period")
 

@@ -76,6 +76,7 @@ class Supervisor(StopAndSaveDecisions):
         if config is not None and settings:
             raise ConfigError(f"pass either a Config or keyword settings, not both (got {sorted(settings)})")
         self.config = config if config is not None else Config(**settings)
+        CONTEXT.step = None  # a previous Supervisor in this process may have left its step
         self.trainer = TrainerState()
         self.preempted = False
         self.resumed_from: Path | None = None
@@ -127,7 +128,7 @@ class Supervisor(StopAndSaveDecisions):
         self.recorder.restore()
         writers_done = True
         if self._background is not None:
-            writers_done = self._background.join_all(self.config.collective_timeout)
+            writers_done = self._background.join_all(self._writer_join_timeout())
             flight = self._background.take_finished()
             if flight is not None:
                 self._collect(flight, raise_errors=False)
@@ -141,6 +142,17 @@ class Supervisor(StopAndSaveDecisions):
             if self._background is not None and writers_done:
                 self._background.writer.destroy()
             self._comm.destroy()
+
+    def _writer_join_timeout(self) -> float:
+        """How long close() waits for writer threads: after a stop with a grace period, only what is left of it.
+
+        An abandoned save would otherwise keep the process alive until the
+        scheduler's SIGKILL, and the exit status would be 137 instead of 75.
+        """
+        if self.preempted and self.config.grace_period is not None and self._signal_at is not None:
+            left = self.config.grace_period - (time.monotonic() - self._signal_at)
+            return max(left - 1.0, 0.0)
+        return self.config.collective_timeout
 
     @property
     def rank(self) -> int:
@@ -485,6 +497,10 @@ class Supervisor(StopAndSaveDecisions):
             self._collect(self._background.wait(), raise_errors=reason in ("manual", "periodic"))
         self._agreement.drain()
         step = self.trainer.step
+        if self.last_save is not None and self.last_save.step == step and self._last_saved_step == step:
+            # save() after a loop that ended at max_steps, say: the final save holds this very state.
+            log.info("Step %d is already saved in %s; not saving it again.", step, self.last_save.path)
+            return self.last_save
         assert self._progress is not None
         self._progress.saving(step)
         self._last_save_started_step = step

@@ -157,3 +157,26 @@ def test_memory_stays_bounded_over_20_background_saves(tmp_path: Path) -> None:
     # Resident memory after the 20th save is within a fraction of one state copy of the 3rd.
     growth = int(result["rss_after_last"]) - int(result["rss_after_third"])
     assert growth < state // 2, f"resident memory grew {growth} bytes over 17 saves of {state} bytes"
+
+
+def test_stop_abandons_a_first_save_of_unknown_duration_and_exits_75(tmp_path: Path, reference_digest) -> None:
+    """No save has been measured yet; with a grace period the stop must not wait for a 20 s write."""
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    ckpt = tmp_path / "ckpt"
+    job = Job.start(async_command(ckpt, "--keep", "10", "--grace-period", "3"),
+                    job_env(RESILIENT_DEBUG_WRITE_DELAY="20"))
+    job.wait_for(lambda: "Started the background periodic save of step 5" in job.output, 240, "the step-5 save")
+    job.workers()[0].send_signal(signal.SIGTERM)
+    job.wait()
+    assert "Abandoning the background save of step 5: its duration is not known yet" in job.output, \
+        job.output[-3000:]
+    # The writer still sleeping is left behind rather than holding the exit past the grace period.
+    assert "A background save is still being written at exit" in job.output
+    assert job.output.count("Exiting with status 75 after the preemption checkpoint") == 2
+    assert "exitcode  : 75" in job.output or "exitcode: 75" in job.output.replace(" ", "")
+    steps = complete_steps(ckpt)
+    assert list(steps.values()) == ["preemption"], steps
+    assert 5 not in steps
+
+    resumed = run_to_end(async_command(ckpt))
+    assert resumed.digest() == expected

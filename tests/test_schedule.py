@@ -15,7 +15,7 @@ from resilient.checkpoint.discovery import COMPLETE, scan
 from resilient.checkpoint.layout import read_manifest, read_run_id
 from resilient.config import Config
 from resilient.errors import ConfigError
-from resilient.schedule import FIRST_SAVE_SECONDS, SaveSchedule, observed_history
+from resilient.schedule import FIRST_SAVE_SECONDS, MIN_UNFAILED_MTBF_SECONDS, SaveSchedule, observed_history
 
 MAX_STEPS = 30
 SAVE_EVERY = 5
@@ -106,19 +106,25 @@ def test_observed_mtbf_from_the_journal(tmp_path: Path) -> None:
     assert schedule.interval() == pytest.approx(math.sqrt(2 * 3.0 * 2000.0 / 3))
 
 
-def test_fresh_run_counts_one_failure(tmp_path: Path) -> None:
+def test_run_without_interruptions_assumes_at_least_an_hour(tmp_path: Path) -> None:
     clock = Clock()
     schedule = SaveSchedule("auto", None, tmp_path, clock=clock)
     schedule.start(None)
+    assert schedule.interval() == FIRST_SAVE_SECONDS, "the first save waits a minute, not half of 0 s"
     clock.now += 600.0
-    assert schedule.mtbf()[0] == pytest.approx(600.0)
+    assert schedule.mtbf()[0] == pytest.approx(MIN_UNFAILED_MTBF_SECONDS)
+    clock.now += 7200.0
+    assert schedule.mtbf()[0] == pytest.approx(7800.0)
 
 
 @pytest.mark.parametrize("settings", [{"save_interval": 0}, {"save_interval": -5}, {"save_interval": "often"},
                                       {"save_interval": True}, {"mtbf": 0}, {"mtbf": "1h"},
-                                      {"async_save": "yes"}, {"async_busy": "queue"}])
+                                      {"async_save": "yes"}, {"async_busy": "queue"},
+                                      {"save_interval": float("inf")}, {"save_interval": float("nan")},
+                                      {"mtbf": float("inf")}, {"mtbf": 3600.0, "save_interval": 60.0},
+                                      {"mtbf": 3600.0}])
 def test_invalid_schedule_settings(tmp_path: Path, settings: dict) -> None:
-    name = next(iter(settings))
+    name = "mtbf" if "mtbf" in settings else next(iter(settings))
     with pytest.raises(ConfigError, match=name):
         Config(ckpt_dir=tmp_path, **settings)
 

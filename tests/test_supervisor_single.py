@@ -129,6 +129,28 @@ def test_supervisor_save_schedule(tmp_path: Path, max_steps: int, expected: list
     assert supervisor.trainer.step == max_steps
 
 
+def test_save_after_the_final_save_does_not_save_the_step_again(tmp_path: Path) -> None:
+    trainer = Trainer("sgd", seed=0)
+    with Supervisor(ckpt_dir=tmp_path, save_every=10, keep=5) as supervisor:
+        trainer.register(supervisor)
+        for _step in supervisor.steps(15):
+            trainer.step()
+        final = supervisor.last_save
+        assert supervisor.save("manual") == final
+
+    assert saved(tmp_path, supervisor.run_id) == [(10, "periodic", COMPLETE), (15, "final", COMPLETE)]
+    assert entries(tmp_path) == ["journal.jsonl", "run.json", checkpoint_name(10), checkpoint_name(15)]
+
+
+def test_new_supervisor_starts_without_the_previous_step_in_its_log_prefix(tmp_path: Path, caplog) -> None:
+    run(tmp_path / "first", Trainer("sgd", seed=0), 5)
+    with caplog.at_level("INFO", logger="resilient"):
+        with Supervisor(ckpt_dir=tmp_path / "second") as supervisor:
+            supervisor.resume()
+    assert "No complete checkpoint" in caplog.text
+    assert "step 5]" not in caplog.text
+
+
 def test_supervisor_retention_keeps_two(tmp_path: Path) -> None:
     supervisor = run(tmp_path, Trainer("sgd", seed=0), 40, save_every=10, keep=2)
 
