@@ -41,7 +41,7 @@ import resilient  # noqa: E402
 from resilient.checkpoint.discovery import iter_complete_newest_first  # noqa: E402
 from resilient.checkpoint.layout import MARKER_NAME, read_run_id  # noqa: E402
 
-#: Goals from issue 6, with the direction in which a figure is better.
+#: The project's targets for each figure, with the direction in which a figure is better.
 GOALS: dict[str, tuple[str, float, str]] = {
     "async_stall_ratio": ("<=", 0.03, "training-loop blocking of a background save / a synchronous save"),
     "save_vs_dd": (">=", 0.85, "synchronous save throughput / dd conv=fsync throughput, same bytes"),

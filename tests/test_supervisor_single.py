@@ -176,6 +176,22 @@ def test_committed_files_match_manifest(tmp_path: Path) -> None:
     assert manifest.total_bytes == sum((path / entry.path).stat().st_size for entry in manifest.files)
 
 
+def test_save_checksums_files_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import resilient.checkpoint.commit as commit
+
+    def read_back(path: Path) -> str:
+        raise AssertionError(f"{path} was read back to checksum it")
+
+    monkeypatch.setattr(commit, "checksum_file", read_back)
+    run(tmp_path, Trainer("adamw", seed=0), 4, save_every=2)
+
+    for step in (2, 4):
+        path = tmp_path / checkpoint_name(step)
+        manifest = read_manifest(path)
+        assert ".metadata" in {entry.path for entry in manifest.files}
+        assert verify_checksums(path, manifest) == []
+
+
 def test_marker_appears_after_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The commit delay leaves the written files without a marker for 0.3 s, so the polling thread can observe them.
     monkeypatch.setenv("RESILIENT_DEBUG_COMMIT_DELAY", "0.3")

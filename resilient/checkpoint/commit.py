@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from resilient._logging import get_logger
 from resilient.checkpoint.conflicts import describe_conflicts, find_conflicts, fingerprints
 from resilient.checkpoint.fsutil import checksum_file, fsync_dir, fsync_file, write_json_atomic
+from resilient.checkpoint.hashing import HashingFileSystem
+from resilient.checkpoint.hashing import install as install_hashing
 from resilient.checkpoint.layout import (
     MARKER_NAME,
     FileEntry,
@@ -130,8 +132,12 @@ def _raise_if_any_failed(comm: Comm, phase: str, errors: list[str | None], stagi
     raise CheckpointError(f"checkpoint save aborted in the {phase} phase, no marker written ({summary})")
 
 
-def report_files(staging: Path, rank: int) -> list[FileEntry]:
-    """fsync and checksum the files this rank wrote (and ``.metadata`` on rank 0)."""
+def report_files(staging: Path, rank: int, hashing: HashingFileSystem | None = None) -> list[FileEntry]:
+    """fsync and checksum the files this rank wrote (and ``.metadata`` on rank 0).
+
+    A digest that ``hashing`` recorded while the file was written is used
+    instead of reading the file back.
+    """
     names = sorted(name for name in os.listdir(staging) if name.startswith(f"__{rank}_"))
     if rank == 0 and (staging / ".metadata").exists():
         names.append(".metadata")
@@ -139,7 +145,9 @@ def report_files(staging: Path, rank: int) -> list[FileEntry]:
     for name in names:
         path = staging / name
         fsync_file(path)
-        entries.append(FileEntry(path=name, size=path.stat().st_size, checksum=checksum_file(path), rank=rank))
+        size = path.stat().st_size
+        known = hashing.known_checksum(path, size) if hashing is not None else None
+        entries.append(FileEntry(path=name, size=size, checksum=known or checksum_file(path), rank=rank))
     return entries
 
 
@@ -223,8 +231,10 @@ def save_checkpoint(
                               f"{describe_conflicts(conflicts)}")
 
     # Phase 3: write.
+    hashing = None
     try:
         writer = dcp.FileSystemWriter(staging, single_file_per_rank=True, sync_files=True, thread_count=1)
+        hashing = install_hashing(writer)
         with comm.quiet_single_process():
             dcp.save(dict(flat), storage_writer=writer, process_group=comm.group)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException derives from BaseException
@@ -244,7 +254,7 @@ def save_checkpoint(
             # Abandoned: skip reading the files back; the commit below will not publish.
             error = "abandoned before it finished"
         else:
-            entries = report_files(staging, comm.rank)
+            entries = report_files(staging, comm.rank, hashing)
             fsync_dir(staging)
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = _local_error("syncing and checksumming files", err)

@@ -43,9 +43,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def new_digest(algorithm: str = CHECKSUM_ALGORITHM) -> Any:
+    """Return an empty digest object of an xxHash or hashlib ``algorithm``."""
+    return _XXHASH[algorithm]() if algorithm in _XXHASH else hashlib.new(algorithm)
+
+
 def checksum_file(path: Path, algorithm: str = CHECKSUM_ALGORITHM) -> str:
     """Return the hex digest of the file's bytes with an xxHash or hashlib ``algorithm``."""
-    digest = _XXHASH[algorithm]() if algorithm in _XXHASH else hashlib.new(algorithm)
+    digest = new_digest(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)

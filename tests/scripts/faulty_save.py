@@ -4,7 +4,7 @@ Usage: torchrun --nproc-per-node 2 faulty_save.py CKPT_DIR PHASE FAIL_STEP [asyn
 
 PHASE is ``prepare`` (a registered object's state_dict() raises), ``write``
 (the DCP file writer raises ENOSPC, as on a full disk) or ``report``
-(checksumming the written files raises). The failure happens on rank 1 only.
+(fsyncing the written files raises EIO). The failure happens on rank 1 only.
 With ``async`` the periodic saves run in the background.
 """
 
@@ -55,14 +55,14 @@ if rank == 1 and phase == "write":
     torch.distributed.checkpoint.FileSystemWriter.write_data = failing_write
 
 if rank == 1 and phase == "report":
-    original_checksum = commit.checksum_file
+    original_fsync = commit.fsync_file
 
-    def failing_checksum(path):
+    def failing_fsync(path):
         if f"step_{fail_step:09d}" in str(path):
             raise OSError(errno.EIO, "Input/output error (injected)")
-        return original_checksum(path)
+        return original_fsync(path)
 
-    commit.checksum_file = failing_checksum
+    commit.fsync_file = failing_fsync
 
 torch.manual_seed(0)
 model = DistributedDataParallel(torch.nn.Linear(8, 8))
