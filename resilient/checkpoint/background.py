@@ -12,8 +12,8 @@ At most one background save is in flight per process. Its outcome (a
 collects it; the writer thread itself never touches the Supervisor.
 
 A writer thread was measured against a writer process on 2 cores (bench/run.py,
-docs/benchmarks.md); the thread lost no more training throughput and needs no
-shared-memory copy of the state, so it is the writer used here.
+docs/benchmarks.md). The thread kept more of the training speed in 8 of 10
+runs, and it needs no shared-memory copy of the state, so it is the writer.
 """
 
 from __future__ import annotations
