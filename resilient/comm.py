@@ -80,7 +80,7 @@ class Comm:
         """Silence DCP's warning that it runs without a process group, which is intended here.
 
         ``warnings.catch_warnings`` is not thread-safe and background saves call
-        DCP from another thread, so a narrow filter is installed once instead.
+        DCP from another thread, so a narrow filter is added to the global list instead.
         """
         if not self.distributed:
             _ignore_single_process_warning()
