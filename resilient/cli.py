@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from resilient.checkpoint.discovery import COMPLETE, CheckpointInfo, scan, size_on_disk
-from resilient.checkpoint.layout import ManifestError, read_run_id
+from resilient.checkpoint.discovery import COMPLETE, PARTIAL, CheckpointInfo, scan, size_on_disk
+from resilient.checkpoint.layout import MARKER_NAME, ManifestError, aside_name, read_manifest, read_run_id
+from resilient.checkpoint.lock import read_lock_holder
 from resilient.errors import EXIT_PREEMPTED
 
 
@@ -91,6 +93,72 @@ def command_latest(args: argparse.Namespace) -> int:
         print(f"error: no complete checkpoint in {root}", file=sys.stderr)
         return 1
     print(complete[-1].path)
+    return 0
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    failed = _require_dir(path)
+    if failed is not None:
+        return failed
+    try:
+        manifest = read_manifest(path)
+    except FileNotFoundError:
+        print(f"FAILED: {path} has no {MARKER_NAME}, so it is not a complete checkpoint", file=sys.stderr)
+        return 1
+    except (OSError, ManifestError) as err:
+        print(f"FAILED: {path / MARKER_NAME} cannot be read: {err}", file=sys.stderr)
+        return 1
+    from resilient.checkpoint.load import verify_checksums  # imports torch, which `resilient run` must not wait for
+
+    problems = verify_checksums(path, manifest)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {path}", file=sys.stderr)
+        return 1
+    print(f"OK: {len(manifest.files)} files, {_human_bytes(manifest.total_bytes)}, match the sizes and "
+          f"{manifest.checksum_algorithm} checksums in {path / MARKER_NAME}")
+    return 0
+
+
+def command_clean(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    failed = _require_dir(root)
+    if failed is not None:
+        return failed
+    holder = read_lock_holder(root)
+    if holder is not None:
+        print(f"error: {root} is in use by a running job (pid {holder.get('pid', '?')} on host "
+              f"{holder.get('host', '?')}); cleaning could remove the staging directory of a save in progress. "
+              "Run clean when the job has stopped.", file=sys.stderr)
+        return 1
+
+    infos = scan(root, _run_id_or_none(root))
+    by_name = {info.path.name: info for info in infos}
+    unknown = [name for name in args.names if name not in by_name]
+    if unknown:
+        print(f"error: no checkpoint directory named {', '.join(unknown)} in {root}; `resilient ls {root}` lists "
+              "them", file=sys.stderr)
+        return 2
+
+    victims = [info for info in infos if info.status == PARTIAL] + [by_name[name] for name in args.names
+                                                                     if by_name[name].status != PARTIAL]
+    if not victims:
+        print(f"nothing to remove in {root}")
+        return 0
+
+    verb = "removing" if args.yes else "would remove"
+    for info in victims:
+        print(f"{verb} {info.path} ({info.status}, {_human_bytes(size_on_disk(info))}): "
+              f"{info.problem or 'named on the command line'}")
+        if args.yes:
+            # Renamed first, so an interrupted removal never leaves a directory that looks complete.
+            aside = info.path.with_name(aside_name(info.step, "deleting"))
+            os.rename(info.path, aside)
+            shutil.rmtree(aside)
+    if not args.yes:
+        print("dry run: nothing was removed; pass --yes to remove these directories")
     return 0
 
 
@@ -221,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     latest = commands.add_parser("latest", help="print the path of the latest complete checkpoint")
     latest.add_argument("dir", help="checkpoint directory of a run")
     latest.set_defaults(func=command_latest)
+
+    verify = commands.add_parser(
+        "verify", help="check every file of a checkpoint against its manifest's sizes and checksums",
+        description="Read every file listed in CHECKPOINT/manifest.json and compare its size and checksum with "
+                    "the manifest. Prints each mismatch and exits 1 on any, 0 when all match.")
+    verify.add_argument("checkpoint", help="checkpoint directory (step_NNNNNNNNN)")
+    verify.set_defaults(func=command_verify)
+
+    clean = commands.add_parser(
+        "clean", help="remove partial and staging directories (a dry run unless --yes)",
+        description="List the partial directories of a run (staging directories of unfinished saves, interrupted "
+                    "deletions, set-aside and unmarked checkpoints) and, with --yes, remove them. A complete "
+                    "checkpoint is removed only when named. Refuses while a job holds the directory's lock.")
+    clean.add_argument("dir", help="checkpoint directory of a run")
+    clean.add_argument("names", nargs="*", metavar="NAME",
+                       help="also remove these directories by name (step_NNNNNNNNN), even when complete")
+    clean.add_argument("--yes", action="store_true", help="remove the directories instead of listing them")
+    clean.set_defaults(func=command_clean)
 
     convert = commands.add_parser(
         "convert", help="convert a checkpoint directory to one torch.save file, or such a file back",

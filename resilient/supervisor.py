@@ -29,6 +29,7 @@ from resilient.checkpoint.background import BackgroundSaver
 from resilient.checkpoint.commit import SaveResult, save_checkpoint
 from resilient.checkpoint.layout import REASONS, Manifest, ManifestError, record_resume_from
 from resilient.checkpoint.load import load_latest
+from resilient.checkpoint.lock import DirectoryLock
 from resilient.checkpoint.retention import apply_retention
 from resilient.codec import flatten, unflatten
 from resilient.comm import Comm
@@ -99,6 +100,7 @@ class Supervisor(StopAndSaveDecisions):
         self._step_seconds: float | None = None
         self._progress: ProgressReporter | None = None
         self._background: BackgroundSaver | None = None
+        self._lock = DirectoryLock(self.config.root)
         self._schedule = SaveSchedule(self.config.save_interval, self.config.mtbf, self.config.root)
         self._last_save_started_step: int | None = None
         self._signal_at: float | None = None
@@ -136,6 +138,7 @@ class Supervisor(StopAndSaveDecisions):
                 log.warning("A background save is still being written at exit; it will not be marked complete.")
         if self._progress is not None:
             self._progress.close()
+        self._lock.release()
         if self._comm is not None:
             # A gloo group left alive at interpreter exit can abort the process
             # ("terminate called without an active exception") instead of exiting 75.
@@ -214,7 +217,9 @@ class Supervisor(StopAndSaveDecisions):
         outcome: tuple[str | None, str | None, str | None] = (None, None, None)
         if comm.rank == 0:
             try:
+                self._lock.acquire(self.config.run_id)
                 run_id = prepare_run_dir(self.config.root, self.config.run_id)
+                self._lock.record(run_id)
                 resume_from = pending_resume_from(self.config.root, self.config.resume_from)
                 outcome = (run_id, str(resume_from) if resume_from else None, None)
             except (ConfigError, ManifestError) as err:

@@ -94,3 +94,70 @@ def test_cli_latest_missing_dir(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == f"error: checkpoint directory {tmp_path / 'absent'} does not exist\n"
+
+
+def test_cli_verify_ok(run_dir: Path) -> None:
+    result = resilient_cli("verify", str(run_dir / checkpoint_name(10)), cwd=run_dir.parent)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK: ")
+    assert "xxh3_128" in result.stdout
+
+
+def test_cli_verify_reports_each_mismatch(run_dir: Path) -> None:
+    path = run_dir / checkpoint_name(20)
+    names = sorted(p.name for p in path.iterdir() if p.name != MARKER_NAME)
+    assert len(names) >= 2
+    flipped = bytearray((path / names[0]).read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, other bytes
+    (path / names[0]).write_bytes(bytes(flipped))
+    (path / names[1]).write_bytes((path / names[1]).read_bytes()[:-1])  # truncated
+
+    result = resilient_cli("verify", str(path), cwd=run_dir.parent)
+
+    assert result.returncode == 1
+    assert f"{path / names[0]}: xxh3_128 is" in result.stdout
+    assert f"{path / names[1]}: size is" in result.stdout
+    assert "FAILED: 2 problem(s)" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["no-marker", "bad-json"])
+def test_cli_verify_rejects_unmarked_or_unreadable(run_dir: Path, case: str) -> None:
+    path = run_dir / checkpoint_name(10)
+    if case == "no-marker":
+        (path / MARKER_NAME).unlink()
+    else:
+        (path / MARKER_NAME).write_text("{not json")
+
+    result = resilient_cli("verify", str(path), cwd=run_dir.parent)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("FAILED: ")
+    assert MARKER_NAME in result.stderr
+
+
+def test_cli_clean_dry_run_lists_partial_only(run_dir: Path) -> None:
+    before = sorted(p.name for p in run_dir.iterdir())
+
+    result = resilient_cli("clean", str(run_dir), cwd=run_dir.parent)
+
+    assert result.returncode == 0, result.stderr
+    assert f"would remove {run_dir / (checkpoint_name(30) + '.tmp-ab12cd34')}" in result.stdout
+    assert checkpoint_name(10) not in result.stdout
+    assert "dry run: nothing was removed" in result.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_cli_clean_yes_removes_partial_and_named(run_dir: Path) -> None:
+    result = resilient_cli("clean", str(run_dir), checkpoint_name(10), "--yes", cwd=run_dir.parent)
+
+    assert result.returncode == 0, result.stderr
+    left = sorted(p.name for p in run_dir.iterdir())
+    assert left == sorted(["run.json", checkpoint_name(20), checkpoint_name(40), checkpoint_name(50)])
+
+
+def test_cli_clean_unknown_name(run_dir: Path) -> None:
+    result = resilient_cli("clean", str(run_dir), "step_000000099", cwd=run_dir.parent)
+
+    assert result.returncode == 2
+    assert "no checkpoint directory named step_000000099" in result.stderr

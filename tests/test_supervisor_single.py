@@ -125,7 +125,7 @@ def test_supervisor_save_schedule(tmp_path: Path, max_steps: int, expected: list
     supervisor = run(tmp_path, Trainer("sgd", seed=0), max_steps, save_every=10, keep=5)
 
     assert saved(tmp_path, supervisor.run_id) == expected
-    assert entries(tmp_path) == ["journal.jsonl", "run.json"] + [checkpoint_name(step) for step, _, _ in expected]
+    assert entries(tmp_path) == [".resilient", "journal.jsonl", "run.json"] + [checkpoint_name(step) for step, _, _ in expected]
     assert supervisor.trainer.step == max_steps
 
 
@@ -139,7 +139,7 @@ def test_save_after_the_final_save_does_not_save_the_step_again(tmp_path: Path) 
         assert supervisor.save("manual") == final
 
     assert saved(tmp_path, supervisor.run_id) == [(10, "periodic", COMPLETE), (15, "final", COMPLETE)]
-    assert entries(tmp_path) == ["journal.jsonl", "run.json", checkpoint_name(10), checkpoint_name(15)]
+    assert entries(tmp_path) == [".resilient", "journal.jsonl", "run.json", checkpoint_name(10), checkpoint_name(15)]
 
 
 def test_new_supervisor_starts_without_the_previous_step_in_its_log_prefix(tmp_path: Path, caplog) -> None:
@@ -155,7 +155,7 @@ def test_supervisor_retention_keeps_two(tmp_path: Path) -> None:
     supervisor = run(tmp_path, Trainer("sgd", seed=0), 40, save_every=10, keep=2)
 
     assert saved(tmp_path, supervisor.run_id) == [(30, "periodic", COMPLETE), (40, "final", COMPLETE)]
-    assert entries(tmp_path) == ["journal.jsonl", "run.json", checkpoint_name(30), checkpoint_name(40)]
+    assert entries(tmp_path) == [".resilient", "journal.jsonl", "run.json", checkpoint_name(30), checkpoint_name(40)]
 
 
 def test_committed_files_match_manifest(tmp_path: Path) -> None:
@@ -247,7 +247,7 @@ def test_prepare_failure_keeps_previous(tmp_path: Path) -> None:
 
     assert "prepare phase" in str(raised.value)
     assert "Counter.state_dict failed on purpose" in str(raised.value)
-    assert entries(tmp_path) == ["journal.jsonl", "run.json", checkpoint_name(10)]
+    assert entries(tmp_path) == [".resilient", "journal.jsonl", "run.json", checkpoint_name(10)]
     assert [info.step for info in complete_newest_first(tmp_path, supervisor.run_id)] == [10]
     assert verify_checksums(previous, manifest) == []
     assert supervisor.last_save.step == 10
