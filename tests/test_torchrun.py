@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from jobs import LM_ARGS, TRAIN_LM, Job, job_env, run_to_end, torchrun_command
@@ -212,4 +213,30 @@ def test_fsdp_sigterm_resumes_exactly(tmp_path: Path, reference_digest) -> None:
     assert min(sizes.values()) > 0.4 * max(sizes.values())
 
     resumed = run_to_end(lm_command(ckpt) + ["--fsdp"])
+    assert resumed.digest() == expected
+
+
+def test_signal_storm_gives_one_checkpoint(tmp_path: Path, reference_digest) -> None:
+    expected = reference_digest(MAX_STEPS, SAVE_EVERY)
+    ckpt = tmp_path / "ckpt"
+
+    job = Job.start(lm_command(ckpt))
+    job.wait_for_step(12)
+    workers = job.workers()
+    # 60 signals of both kinds to both ranks within about half a second.
+    for index in range(60):
+        try:
+            workers[index % 2].send_signal(signal.SIGUSR1 if index % 3 else signal.SIGTERM)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            break  # the rank already saved and exited
+        time.sleep(0.008)
+    job.wait()
+
+    steps = complete_steps(ckpt)
+    preempted = [step for step, reason in steps.items() if reason == "preemption"]
+    assert len(preempted) == 1, steps
+    assert job.output.count("Exiting with status 75") == 2, job.output[-3000:]
+    assert not list(ckpt.glob("step_*.tmp-*")), "a second save was started"
+
+    resumed = run_to_end(lm_command(ckpt))
     assert resumed.digest() == expected
