@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import resilient  # noqa: E402
 from resilient.checkpoint.discovery import iter_complete_newest_first  # noqa: E402
+from resilient.checkpoint.fsutil import fsync_file  # noqa: E402
 from resilient.checkpoint.layout import MARKER_NAME, read_run_id  # noqa: E402
 
 #: The project's targets for each figure, with the direction in which a figure is better.
@@ -71,14 +72,6 @@ def make_model(megabytes: int) -> nn.Module:
 
 def state_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_all(directory: Path) -> int:
@@ -185,7 +178,7 @@ def single_process(megabytes: int, work: Path, rounds: int) -> dict[str, Any]:
         start = time.perf_counter()
         target = work / f"torch-{index}.pt"
         torch.save(model.state_dict(), target)
-        fsync_path(target)
+        fsync_file(target)
         times["torch_save"].append(time.perf_counter() - start)
         target.unlink()
 
