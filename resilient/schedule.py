@@ -5,9 +5,9 @@ Young and Daly's first-order optimum for the time between checkpoints is
 and ``MTBF`` the mean time between failures. Saving more often wastes time on
 saves; saving less often loses more work at each failure.
 
-- ``C`` is measured: the time the training loop was blocked by the last save
-  (the whole save when synchronous; the copy to host memory, plus any wait for
-  the previous save, when asynchronous).
+- ``C`` is measured: the time the training loop was blocked by the last save.
+  That is the whole save when synchronous, and the copy to host memory plus
+  any wait for the previous save when asynchronous.
 - ``MTBF`` is configured, or observed from the run's journal: the time the run
   has been training, over its attempts, divided by the number of interruptions
   plus one. Until an interruption has been seen it is at least an hour, so the
@@ -16,7 +16,7 @@ saves; saving less often loses more work at each failure.
 A background save cannot start before the previous one is written, so the
 adaptive interval is never shorter than the last background write.
 
-This object is local to a rank. Each rank says whether it wants a save, and
+This object is local to a rank. Each rank reports whether it requests a save, and
 the stop agreement (:mod:`resilient.agreement`) turns that into one decision
 that every rank takes at the same step.
 """
@@ -35,13 +35,13 @@ log = get_logger(__name__)
 
 AUTO = "auto"
 
-#: Seconds before the first adaptive save when no save cost is known yet
-#: (a fresh run), or half the MTBF when that is shorter; that save measures the cost.
+#: Seconds before the first adaptive save when no save cost is known yet (a
+#: fresh run), or half the MTBF when that is shorter. That save measures the cost.
 FIRST_SAVE_SECONDS = 60.0
 
 
-#: Lower bound of an observed MTBF while no interruption has been seen: a run
-#: that has trained for ten minutes without failing says little about its MTBF.
+#: Lower bound of an observed MTBF while no interruption has been seen, because
+#: ten minutes of training without a failure tell little about the MTBF.
 MIN_UNFAILED_MTBF_SECONDS = 3600.0
 
 #: Events written by the training processes while they train (not by resilient run between attempts).

@@ -104,7 +104,7 @@ class StopAndSaveDecisions:
         started = time.monotonic()
         if self.config.async_busy == "skip":
             self._agreement.drain()
-            # Whether every rank's previous save is done must be one answer for all ranks.
+            # Every rank must take the same decision, so the busy flags are reduced across ranks.
             if comm.all_reduce_max(int(self._background.busy())):
                 current = self._background.current
                 log.info("Skipping the %s save of step %d: the background save of step %s is still being "
@@ -162,20 +162,20 @@ class StopAndSaveDecisions:
         decision: tuple[str, str] | None = None
         if comm.rank == 0:
             decision = self._in_flight_decision(reason)
-        action, why = comm.broadcast_object(decision) if comm.distributed else decision
+        action, reason_text = comm.broadcast_object(decision) if comm.distributed else decision
         current = self._background.current
         if action == "abandon":
             self._background.abandon()
             log.warning("Abandoning the background save of step %s: %s. It will not be marked complete; "
-                        "step %d is saved instead.", current.step if current else "?", why, step)
+                        "step %d is saved instead.", current.step if current else "?", reason_text, step)
         else:
             if current is not None and not current.done:
                 log.info("Waiting for the background save of step %d before saving step %d: %s.",
-                         current.step, step, why)
+                         current.step, step, reason_text)
             self._collect(self._background.wait(), raise_errors=False)
 
     def _in_flight_decision(self, reason: str) -> tuple[str, str]:
-        """Rank 0's choice for the background save in flight at a stop: ("wait" | "abandon", why)."""
+        """Return rank 0's choice for the background save in flight at a stop: ("wait" or "abandon", the reason)."""
         assert self._background is not None
         current = self._background.current
         if current is None or current.done:
@@ -192,7 +192,7 @@ class StopAndSaveDecisions:
         if not self._background.close_gate():
             return "wait", "it is already writing its completion marker"
         if remaining is None or next_save is None:
-            # The first background save: nothing says it ends in time, and the stop step matters more.
+            # The first background save has no measured duration, and the stop step matters more.
             return "abandon", f"its duration is not known yet and only {left:.1f} s of the grace period are left"
         return "abandon", (f"about {remaining:.1f} s of it plus {next_save:.1f} s for the stop save exceed the "
                            f"{left:.1f} s left of the grace period")
@@ -229,11 +229,11 @@ class StopAndSaveDecisions:
         return self._agreement.check_now() != StopReason.NONE
 
     def _time_save_still_due(self) -> bool:
-        """Whether an agreed time-based save is still wanted: no save started since the ranks asked for it.
+        """Return whether an agreed time-based save is still due: no save started since the ranks requested it.
 
         The agreement's result arrives one check later, so a step-based save
         may have happened meanwhile. Every rank started saves at the same
-        steps, so every rank answers the same.
+        steps, so every rank returns the same value.
         """
         assert self._agreement is not None
         asked_at = self._agreement.save_asked_at

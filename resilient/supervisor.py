@@ -147,7 +147,7 @@ class Supervisor(StopAndSaveDecisions):
             self._comm.destroy()
 
     def _writer_join_timeout(self) -> float:
-        """How long close() waits for writer threads: after a stop with a grace period, only what is left of it.
+        """Return the seconds close() waits for writer threads: after a stop with a grace period, only what is left.
 
         An abandoned save would otherwise keep the process alive until the
         scheduler's SIGKILL, and the exit status would be 137 instead of 75.
@@ -503,7 +503,7 @@ class Supervisor(StopAndSaveDecisions):
         self._agreement.drain()
         step = self.trainer.step
         if self.last_save is not None and self.last_save.step == step and self._last_saved_step == step:
-            # save() after a loop that ended at max_steps, say: the final save holds this very state.
+            # For example save() after a loop that ended at max_steps: the final save contains this state.
             log.info("Step %d is already saved in %s; not saving it again.", step, self.last_save.path)
             return self.last_save
         assert self._progress is not None

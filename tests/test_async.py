@@ -71,14 +71,14 @@ def test_one_save_in_flight_wait_policy(tmp_path: Path, reference_digest) -> Non
     assert job.digest() == expected
 
 
-def test_skip_policy_skips_saves_while_one_is_in_flight(tmp_path: Path, reference_digest) -> None:
+def test_skip_policy_skips_busy_saves(tmp_path: Path, reference_digest) -> None:
     expected = reference_digest(MAX_STEPS, SAVE_EVERY)
     ckpt = tmp_path / "ckpt"
     job = run_to_end(async_command(ckpt, "--async-busy", "skip", "--keep", "10"),
                      job_env(RESILIENT_DEBUG_WRITE_DELAY="3"))
     skipped = rank0(job.output, r"Skipping the periodic save of step (\d+)")
     assert skipped, job.output[-3000:]
-    # Rank 1 skipped the same steps: the busy answer is agreed.
+    # Rank 1 skipped the same steps, because the busy check is agreed.
     rank1 = re.findall(r"\[rank 1/2 step \d+\] Skipping the periodic save of step (\d+)", job.output)
     assert rank1 == skipped
     steps = complete_steps(ckpt)
@@ -119,7 +119,7 @@ def test_stop_waits_for_the_save_in_flight(tmp_path: Path, reference_digest) -> 
     assert resumed.digest() == expected
 
 
-def test_stop_abandons_a_save_that_cannot_fit_the_grace_period(tmp_path: Path, reference_digest) -> None:
+def test_stop_abandons_save_beyond_grace(tmp_path: Path, reference_digest) -> None:
     """Each background save takes over 4 s; with 2 s of grace left the stop abandons it and saves synchronously."""
     expected = reference_digest(MAX_STEPS, SAVE_EVERY)
     ckpt = tmp_path / "ckpt"
@@ -149,7 +149,7 @@ def test_memory_stays_bounded_over_20_background_saves(tmp_path: Path) -> None:
     result = dict(re.findall(r"^(\w+)=(\S+)$", job.output, re.MULTILINE))
     state = int(result["state_bytes"])
     assert int(result["saves"]) == 20
-    # The staging buffers are allocated once and reused by every later save; only the few bytes of
+    # The staging buffers are allocated once and reused by every later save. Only the few bytes of
     # JSON values whose length changed (counters gaining a digit) are allocated again.
     staging, allocated = int(result["staging_bytes"]), int(result["staging_allocated"])
     assert staging >= state
@@ -159,7 +159,7 @@ def test_memory_stays_bounded_over_20_background_saves(tmp_path: Path) -> None:
     assert growth < state // 2, f"resident memory grew {growth} bytes over 17 saves of {state} bytes"
 
 
-def test_stop_abandons_a_first_save_of_unknown_duration_and_exits_75(tmp_path: Path, reference_digest) -> None:
+def test_stop_abandons_unmeasured_first_save(tmp_path: Path, reference_digest) -> None:
     """No save has been measured yet; with a grace period the stop must not wait for a 20 s write."""
     expected = reference_digest(MAX_STEPS, SAVE_EVERY)
     ckpt = tmp_path / "ckpt"

@@ -60,7 +60,7 @@ def test_describe_conflicts_names_keys_and_limit() -> None:
 
 @pytest.mark.parametrize("count", [2**24 + 3, 2**25, 2**25 + 1])
 def test_fingerprint_of_tensors_beyond_float32_exact_integers(count: int) -> None:
-    # Beyond 2**24, float32 cannot hold every index; sampling positions computed in
+    # Beyond 2**24, float32 cannot represent every index. Sampling positions computed in
     # float32 rounded count - 1 up to count and indexed past the end (seen at 2**27 floats).
     tensor = torch.zeros(count, dtype=torch.uint8)
     tensor[-1] = 7

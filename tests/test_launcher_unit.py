@@ -186,8 +186,8 @@ def test_status_of_a_directory_without_journal(tmp_path: Path) -> None:
 def test_orphan_after_success_is_not_a_failure(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     marker = tmp_path / "orphan-marker"
-    # The command exits only once the orphan runs with SIGTERM ignored; before that, under load, the
-    # launcher's SIGTERM could reach the subshell before its trap and no SIGKILL would be needed.
+    # The command exits only once the orphan runs with SIGTERM ignored. Otherwise, under load, the
+    # launcher's SIGTERM could reach the subshell before its trap, and no SIGKILL would be needed.
     orphan = (f"(trap '' TERM; exec {sys.executable} -c 'import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); "
               f"time.sleep(300)' {marker}) & while [ ! -e {marker} ]; do sleep 0.05; done; exit 0")
     result = run("--ckpt-dir", str(ckpt), "--grace", "2", "--max-restarts", "1", "--", "bash", "-c", orphan)

@@ -76,7 +76,7 @@ def test_young_daly_interval_from_measured_cost(tmp_path: Path) -> None:
     assert schedule.interval() == pytest.approx(90.0)
 
 
-def test_young_daly_starts_from_the_resumed_checkpoints_save_time(tmp_path: Path) -> None:
+def test_young_daly_uses_resumed_save_time(tmp_path: Path) -> None:
     schedule = SaveSchedule("auto", 800.0, tmp_path, clock=Clock())
     schedule.start(resumed_save_seconds=4.0)
     assert schedule.interval() == pytest.approx(80.0)
@@ -135,7 +135,7 @@ SCHEDULE_RANKS = Path(__file__).parent / "scripts" / "schedule_ranks.py"
 
 
 @pytest.mark.integration
-def test_time_based_save_is_agreed_when_one_rank_asks(tmp_path: Path) -> None:
+def test_time_save_agreed_from_one_rank(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     job = run_to_end(torchrun_command(SCHEDULE_RANKS, str(ckpt), "40"), timeout=240)
     assert "rank 0 done" in job.output
@@ -150,7 +150,7 @@ def test_time_based_save_is_agreed_when_one_rank_asks(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_time_based_and_adaptive_saves_keep_the_run_exact(tmp_path: Path, reference_digest) -> None:
+def test_time_and_adaptive_saves_exact(tmp_path: Path, reference_digest) -> None:
     expected = reference_digest(MAX_STEPS, SAVE_EVERY)
     fixed = run_to_end(torchrun_command(TRAIN_LM, "--ckpt-dir", str(tmp_path / "fixed"), "--max-steps",
                                         str(MAX_STEPS), "--save-every", "1000", "--save-interval", "0.5",

@@ -129,7 +129,7 @@ def test_supervisor_save_schedule(tmp_path: Path, max_steps: int, expected: list
     assert supervisor.trainer.step == max_steps
 
 
-def test_save_after_the_final_save_does_not_save_the_step_again(tmp_path: Path) -> None:
+def test_save_after_final_returns_it(tmp_path: Path) -> None:
     trainer = Trainer("sgd", seed=0)
     with Supervisor(ckpt_dir=tmp_path, save_every=10, keep=5) as supervisor:
         trainer.register(supervisor)
@@ -142,7 +142,7 @@ def test_save_after_the_final_save_does_not_save_the_step_again(tmp_path: Path) 
     assert entries(tmp_path) == [".resilient", "journal.jsonl", "run.json", checkpoint_name(10), checkpoint_name(15)]
 
 
-def test_new_supervisor_starts_without_the_previous_step_in_its_log_prefix(tmp_path: Path, caplog) -> None:
+def test_new_supervisor_resets_log_step(tmp_path: Path, caplog) -> None:
     run(tmp_path / "first", Trainer("sgd", seed=0), 5)
     with caplog.at_level("INFO", logger="resilient"):
         with Supervisor(ckpt_dir=tmp_path / "second") as supervisor:

@@ -63,11 +63,11 @@ DEBUG_COMMIT_DELAY_ENV = "RESILIENT_DEBUG_COMMIT_DELAY"
 class PublishGate:
     """Lets another thread abandon a background save up to the moment its marker is written.
 
-    The committing rank calls :meth:`enter` right before publishing; whoever
-    abandons the save calls :meth:`close`. Exactly one of them wins: a closed
-    gate is never entered, and a gate being entered cannot be closed, so an
-    abandoned save never appears complete and a published one is never
-    reported as abandoned.
+    The committing rank calls :meth:`enter` right before publishing, and the
+    thread that abandons the save calls :meth:`close`. Exactly one of them
+    wins. A closed gate is never entered, and a gate being entered cannot be
+    closed, so an abandoned save never appears complete and a published one
+    is never reported as abandoned.
     """
 
     def __init__(self) -> None:

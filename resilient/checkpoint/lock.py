@@ -2,9 +2,9 @@
 
 Two jobs saving into the same directory would interleave staging
 directories, retention and ``run.json``, and each could delete or supersede
-the other's checkpoints. Rank 0 of a job therefore holds an exclusive
+the other's checkpoints. Rank 0 of a job therefore takes an exclusive
 ``flock`` on ``CKPT_DIR/.resilient/lock`` from resume until the Supervisor
-closes, and writes who holds it (host, pid, start time, run id) into the file.
+closes, and writes its holder record (host, pid, start time, run id) into the file.
 
 The kernel releases a ``flock`` when its process dies, however it dies, so a
 lock left by a killed job is free at once. Its holder record stays behind;

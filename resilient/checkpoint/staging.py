@@ -1,7 +1,7 @@
 """Copy the state into host memory buffers that are reused from one save to the next.
 
 A background save writes the copy while training changes the originals, so
-the checkpoint holds exactly the values of the step it was taken at. The
+the checkpoint contains exactly the values of the step it was taken at. The
 buffers are kept between saves: after the first save, staging allocates
 nothing for tensors whose shape and dtype did not change, and memory stays at
 one copy of the state however many saves run.
@@ -70,7 +70,7 @@ class StagingBuffers:
                 buffer.copy_(value.detach())
                 staged[key] = buffer
             else:
-                raise TypeError(f"state key {key!r} holds {type(value).__name__}, not a tensor; "
+                raise TypeError(f"state key {key!r} is a {type(value).__name__}, not a tensor; "
                                 "flatten() should have encoded it")
         for stale in set(self._buffers) - set(flat):
             # Keys that left the state (an optimizer state that was reset, say) release their memory.

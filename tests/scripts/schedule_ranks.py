@@ -1,4 +1,4 @@
-"""A 2-rank job where only rank 0 asks for time-based saves; both must save the same steps.
+"""A 2-rank job where only rank 0 requests time-based saves; both must save the same steps.
 
 Usage: torchrun --nproc-per-node 2 schedule_ranks.py CKPT_DIR STEPS
 
