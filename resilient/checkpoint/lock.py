@@ -7,10 +7,11 @@ the other's checkpoints. Rank 0 of a job therefore takes an exclusive
 closes, and writes its holder record (host, pid, start time, run id) into the file.
 
 The kernel releases a ``flock`` when its process dies, however it dies, so a
-lock left by a killed job is free at once. Its holder record stays behind;
-the next job finds the lock free, logs that it takes over from the dead
-holder, and writes its own record. On NFS, Linux implements ``flock`` with
-POSIX record locks, which the server tracks per client.
+lock left by a killed job is free at once. Its holder record stays behind,
+so the next job logs that it takes over from the dead holder and writes its
+own record. On NFS, Linux (since 2.6.12) emulates ``flock`` with ``fcntl``
+byte-range locks on the whole file, which the server sees (flock(2), NOTES),
+unless the file system is mounted with ``local_lock=flock`` or ``all``.
 """
 
 from __future__ import annotations
