@@ -25,6 +25,7 @@ _EXPORTS = {
     "init_process_group": "resilient.distributed",
     "tree_digest": "resilient.digest",
     "EXIT_PREEMPTED": "resilient.errors",
+    "AgreementError": "resilient.errors",
     "CheckpointError": "resilient.errors",
     "CheckpointLoadError": "resilient.errors",
     "ConfigError": "resilient.errors",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from resilient._logging import get_logger
 from resilient.comm import Comm
+from resilient.errors import AgreementError
 from resilient.signals import SignalRecorder
 
 log = get_logger(__name__)
@@ -90,7 +92,8 @@ class Agreement:
             self._launched_at = step
             agreed, self.save_agreed = previous if previous is not None else (StopReason.NONE, False)
         else:
-            reason, wanted = self.comm.all_reduce_max_vector(local)
+            with self._failing_as_agreement(f"after step {step}"):
+                reason, wanted = self.comm.all_reduce_max_vector(local)
             agreed, self.save_agreed = StopReason(reason), bool(wanted)
             self.save_asked_at = step
         self.seconds += time.perf_counter() - start
@@ -119,7 +122,8 @@ class Agreement:
         A stop agreed here is kept in :attr:`forced` for the step loop.
         """
         self.drain()
-        reason, _wanted = self.comm.all_reduce_max_vector([int(self.local_reason()), 0])
+        with self._failing_as_agreement("inside the current step"):
+            reason, _wanted = self.comm.all_reduce_max_vector([int(self.local_reason()), 0])
         agreed = StopReason(reason)
         if agreed != StopReason.NONE:
             if self.decision == StopReason.NONE:
@@ -138,9 +142,25 @@ class Agreement:
             return None
         work, tensor = self._pending
         self._pending = None
-        work.wait()
+        with self._failing_as_agreement(f"after step {self._launched_at}"):
+            work.wait()
         reason, wanted = tensor.tolist()
         return StopReason(reason), bool(wanted)
+
+    @contextlib.contextmanager
+    def _failing_as_agreement(self, where: str) -> Iterator[None]:
+        """Turn a failed or timed-out agreement collective into an AgreementError that explains the cause."""
+        try:
+            yield
+        except RuntimeError as err:  # gloo and NCCL raise RuntimeError subclasses (DistBackendError)
+            local = "a stop signal arrived here" if self.recorder.events else "no stop signal arrived here"
+            raise AgreementError(
+                f"the stop agreement {where} did not complete within collective_timeout "
+                f"({self.comm.timeout_seconds:g} s); {local}. Another rank is stopped (SIGSTOP, a debugger), hung "
+                "or gone, so nothing is saved for this stop and the newest complete checkpoint stays the one to "
+                "resume from. If the ranks are only slow, raise collective_timeout. Cause: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+            ) from err
 
     def _log_decision(self, step: int | None, agreed: StopReason) -> None:
         event = self.recorder.first_event

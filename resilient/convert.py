@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from resilient.checkpoint.commit import publish, report_files
@@ -35,8 +36,9 @@ from resilient.checkpoint.layout import (
     write_run_id,
 )
 from resilient.checkpoint.load import verify_checksums
+from resilient.checkpoint.safe_reader import SafeFileSystemReader
 from resilient.codec import decode_object, encode_object
-from resilient.errors import CheckpointLoadError
+from resilient.errors import CheckpointLoadError, describe_failure
 
 FILE_FORMAT = "resilient-flat"
 FILE_FORMAT_VERSION = 1
@@ -67,7 +69,7 @@ def read_checkpoint(path: Path, *, model_only: bool = False,
     if problems:
         raise CheckpointLoadError(f"checkpoint {path} failed verification: {'; '.join(problems)}")
 
-    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    metadata = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     template: dict[str, torch.Tensor] = {}
     for key, stored in metadata.items():
         if model_only and not (key.startswith("model.") or key.startswith(_BUFFERS_OF_RANK0)):
@@ -77,8 +79,11 @@ def read_checkpoint(path: Path, *, model_only: bool = False,
                                       "write it; only resilient checkpoints can be converted")
         template[key] = torch.empty(stored.size, dtype=stored.properties.dtype)
     progress(f"loading {len(template)} entries")
-    with _single_process():
-        dcp.load(template, storage_reader=dcp.FileSystemReader(path))
+    try:
+        with _single_process():
+            dcp.load(template, storage_reader=SafeFileSystemReader(path))
+    except CheckpointException as err:  # derives from BaseException, so wrap it in an ordinary error
+        raise CheckpointLoadError(f"loading checkpoint {path} failed: {describe_failure(err)}") from err
     json_keys = set(manifest.json_keys)
     state = {key: decode_object(value) if key in json_keys else value for key, value in template.items()}
     return manifest, state

@@ -10,15 +10,12 @@ import torch
 from resilient._logging import get_logger
 from resilient.checkpoint.layout import Manifest
 from resilient.errors import ConfigError
+from resilient.units import human_bytes
 
 log = get_logger(__name__)
 
 #: Checkpoints that must fit on disk: the newest complete one is kept while the next is written.
 CHECKPOINTS_ON_DISK = 2
-
-
-def _gigabytes(count: float) -> str:
-    return f"{count / 1e9:.2f} GB"
 
 
 def check_disk_space(root: Path, lower_bytes: int, upper_bytes: int, *, one_on_disk: bool = False) -> None:
@@ -38,13 +35,13 @@ def check_disk_space(root: Path, lower_bytes: int, upper_bytes: int, *, one_on_d
     needed = count * lower_bytes
     if free < needed:
         raise ConfigError(
-            f"ckpt_dir {str(root)!r} has {_gigabytes(free)} free, but this job needs at least {_gigabytes(needed)} "
+            f"ckpt_dir {str(root)!r} has {human_bytes(free)} free, but this job needs at least {human_bytes(needed)} "
             "there, because the newest complete checkpoint stays while the next is written. Free space there "
             "or pass a ckpt_dir on a larger filesystem."
         )
     if free < count * upper_bytes:
         log.warning("%s has %s free; the next checkpoint needs between %s and %s, so a save may fail for lack "
-                    "of space.", root, _gigabytes(free), _gigabytes(needed), _gigabytes(count * upper_bytes))
+                    "of space.", root, human_bytes(free), human_bytes(needed), human_bytes(count * upper_bytes))
 
 
 def _major_minor(version: str) -> str:

@@ -1,12 +1,14 @@
 """Build checkpoint directories by hand: data files with arbitrary bytes plus a real manifest.
 
-Discovery, retention and the CLI read only names, manifests and file sizes, so
-these directories need no DCP data in them.
+Discovery, retention and the CLI read only names, manifests, file sizes and the
+``.metadata`` pickle, so these directories need no DCP tensor data in them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,8 +19,16 @@ from resilient.checkpoint.layout import MARKER_NAME, FileEntry, Manifest, checkp
 RUN_ID = "run-a"
 
 
+@functools.cache
+def empty_dcp_metadata() -> bytes:
+    """The ``.metadata`` DCP writes for an empty state dict, which verification unpickles."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    return pickle.dumps(Metadata(state_dict_metadata={}))
+
+
 def default_files(step: int) -> dict[str, bytes]:
-    return {".metadata": b"metadata", "__0_0.distcp": f"data of step {step}".encode()}
+    return {".metadata": empty_dcp_metadata(), "__0_0.distcp": f"data of step {step}".encode()}
 
 
 def write_checkpoint(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,27 @@ def reference_digest(shared_dir: Path):
             return digest
 
     return compute
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path):
+    """Return a function that mounts a tmpfs of a given size (``"2m"``) and returns its path.
+
+    A real shortage of disk space cannot be made otherwise; mounting needs root,
+    which CI has. Without it the test is skipped with the reason.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mount_point = tmp_path / f"tmpfs-{len(mounted)}"
+        mount_point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -21,6 +21,7 @@ earlier complete checkpoint is never touched by a failed save.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -51,7 +52,8 @@ from resilient.checkpoint.layout import (
     staging_name,
 )
 from resilient.comm import Comm
-from resilient.errors import CheckpointError
+from resilient.errors import CheckpointError, describe_failure, failures_by_rank
+from resilient.units import human_bytes
 
 log = get_logger(__name__)
 
@@ -117,8 +119,31 @@ def _debug_commit_delay() -> float:
         return 0.0
 
 
-def _local_error(phase: str, err: BaseException) -> str:
-    return f"{phase} failed: {type(err).__name__}: {err}"
+#: Below this much free space a failed write is put down to a full filesystem. torch's
+#: archive writer reports a short write as "unexpected pos", without the errno.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def disk_full_hint(root: Path, err: BaseException) -> str:
+    """Say so when a failed save looks like a full filesystem or quota; empty otherwise.
+
+    Call it before the staging directory is removed, which frees space again.
+    """
+    try:
+        free: int | None = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    errnos = {getattr(exc, "errno", None) for _rank, exc in failures_by_rank(err)}
+    if not errnos & {errno.ENOSPC, errno.EDQUOT} and (free is None or free >= NEARLY_FULL_BYTES):
+        return ""
+    left = f" ({human_bytes(free)} free)" if free is not None else ""
+    return (f". The filesystem of {root} is full or over quota{left}: free space there, lower `keep`, or move "
+            "ckpt_dir to a larger filesystem. The previous complete checkpoint is unchanged")
+
+
+def _local_error(phase: str, err: BaseException, root: Path | None = None) -> str:
+    hint = disk_full_hint(root, err) if root is not None else ""
+    return f"{phase} failed: {describe_failure(err)}{hint}"
 
 
 def _raise_if_any_failed(comm: Comm, phase: str, errors: list[str | None], staging: Path | None) -> None:
@@ -238,9 +263,11 @@ def save_checkpoint(
         with comm.quiet_single_process():
             dcp.save(dict(flat), storage_writer=writer, process_group=comm.group)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException derives from BaseException
+        hint = disk_full_hint(root, err)
         if comm.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"checkpoint save of step {step} failed while writing, no marker written: {err}") from err
+        raise CheckpointError(f"checkpoint save of step {step} failed while writing, no marker written: "
+                              f"{describe_failure(err)}{hint}") from err
 
     delay = _debug_commit_delay()
     if delay > 0:
@@ -257,7 +284,7 @@ def save_checkpoint(
             entries = report_files(staging, comm.rank, hashing)
             fsync_dir(staging)
     except Exception as err:  # noqa: BLE001 - reported to every rank below
-        error = _local_error("syncing and checksumming files", err)
+        error = _local_error("syncing and checksumming files", err, root)
     reports = comm.all_gather_object((entries, error))
 
     # Phase 5: commit on rank 0, result broadcast to every rank.
@@ -301,5 +328,5 @@ def _commit(root: Path, staging: Path, reports: list[Any], *, run_id: str, step:
         log.error("Committing step %d failed: %s", step, err)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-        return 0, _local_error("writing the completion marker", err)
+        return 0, _local_error("writing the completion marker", err, root)
     return manifest.total_bytes, None

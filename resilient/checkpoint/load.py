@@ -15,9 +15,10 @@ from resilient._logging import get_logger
 from resilient.checkpoint.discovery import iter_complete_newest_first
 from resilient.checkpoint.fsutil import checksum_file, checksum_supported
 from resilient.checkpoint.layout import Manifest, ManifestError, aside_name, parse_dir_name, read_manifest
+from resilient.checkpoint.safe_reader import SafeFileSystemReader, load_metadata
 from resilient.codec import Leaf
 from resilient.comm import Comm
-from resilient.errors import CheckpointLoadError
+from resilient.errors import CheckpointLoadError, describe_failure
 
 log = get_logger(__name__)
 
@@ -26,7 +27,8 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
     """Check this rank's share of the files against the manifest; return one message per mismatch.
 
     File ``i`` is checked by rank ``i % world_size``, so together the ranks read
-    each file once.
+    each file once. Rank 0 also checks that ``.metadata`` contains only what DCP
+    writes (see ``resilient.checkpoint.safe_reader``).
     """
     if not checksum_supported(manifest.checksum_algorithm):
         return [f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r} in the manifest"]
@@ -49,14 +51,23 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
             continue
         if actual != entry.checksum:
             problems.append(f"{file}: {manifest.checksum_algorithm} is {actual}, the manifest says {entry.checksum}")
+    if rank == 0 and not any(".metadata" in problem for problem in problems):
+        # Matching checksums prove nothing when one hand wrote the files and the manifest.
+        try:
+            with open(path / ".metadata", "rb") as file:
+                load_metadata(file, str(path / ".metadata"))
+        except OSError as err:
+            problems.append(f"{path / '.metadata'}: cannot be read ({err})")
+        except CheckpointLoadError as err:
+            problems.append(str(err))
     return problems
 
 
 def _sized_template(path: Path, flat: dict[str, torch.Tensor], leaves: list[Leaf],
                     layout: str) -> dict[str, torch.Tensor]:
     """Check that the checkpoint has every key, and size JSON leaves as stored."""
-    # NOTE: DCP's .metadata file is a pickle; it is read only after its checksum matched the manifest.
-    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    # DCP's .metadata file is a pickle: SafeFileSystemReader unpickles it through an allowlist.
+    metadata = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     missing = sorted(key for key in flat if key not in metadata)
     if missing:
         listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -165,9 +176,9 @@ def load_latest(
         sized = _sized_template(path, flat, leaves, layout)
         try:
             with comm.quiet_single_process():
-                dcp.load(sized, storage_reader=dcp.FileSystemReader(path), process_group=comm.group)
+                dcp.load(sized, storage_reader=SafeFileSystemReader(path), process_group=comm.group)
         except CheckpointException as err:  # derives from BaseException, so wrap it in an ordinary error
-            raise CheckpointLoadError(f"loading checkpoint {path} failed: {err}") from err
+            raise CheckpointLoadError(f"loading checkpoint {path} failed: {describe_failure(err)}") from err
         if comm.rank == 0 and resume_from is None:
             _set_aside_corrupt(corrupt)
         candidates.close()

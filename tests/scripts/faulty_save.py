@@ -5,6 +5,9 @@ Usage: torchrun --nproc-per-node 2 faulty_save.py CKPT_DIR PHASE FAIL_STEP [asyn
 PHASE is ``prepare`` (a registered object's state_dict() raises), ``write``
 (the DCP file writer raises ENOSPC, as on a full disk) or ``report``
 (fsyncing the written files raises EIO). The failure happens on rank 1 only.
+PHASE ``none`` injects nothing, for a disk that really fills up; the model is a
+square linear layer of width FAULTY_SAVE_WIDTH (default 8), and each step sleeps
+FAULTY_SAVE_STEP_SECONDS (default 0), both from the environment.
 With ``async`` the periodic saves run in the background.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 import time
 
@@ -23,6 +27,8 @@ import resilient
 import resilient.checkpoint.commit as commit
 
 ckpt_dir, phase, fail_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+width = int(os.environ.get("FAULTY_SAVE_WIDTH", "8"))
+step_seconds = float(os.environ.get("FAULTY_SAVE_STEP_SECONDS", "0"))
 async_save = sys.argv[4:] == ["async"]
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 torch.set_num_threads(1)
@@ -65,7 +71,7 @@ if rank == 1 and phase == "report":
     commit.fsync_file = failing_fsync
 
 torch.manual_seed(0)
-model = DistributedDataParallel(torch.nn.Linear(8, 8))
+model = DistributedDataParallel(torch.nn.Linear(width, width))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 started = time.monotonic()
 try:
@@ -74,10 +80,11 @@ try:
         sup.register(model=model, optimizer=optimizer, stateful={"counter": Counter()})
         for step in sup.steps(9):
             current_step = step
-            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss = model(torch.randn(4, width)).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            time.sleep(step_seconds)
 except resilient.CheckpointError as err:
     print(f"rank {rank}: CheckpointError after {time.monotonic() - started:.1f} s: {err}", flush=True)
     sys.exit(3)
