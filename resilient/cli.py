@@ -1,4 +1,4 @@
-"""The ``resilient`` command: inspect checkpoint directories and run the demo."""
+"""The ``resilient`` command: supervise training, inspect checkpoint directories, test resumes."""
 
 from __future__ import annotations
 
@@ -15,15 +15,7 @@ from resilient.checkpoint.discovery import COMPLETE, PARTIAL, CheckpointInfo, sc
 from resilient.checkpoint.layout import MARKER_NAME, ManifestError, aside_name, read_manifest, read_run_id
 from resilient.checkpoint.lock import read_lock_holder
 from resilient.errors import EXIT_PREEMPTED
-
-
-def _human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{count} B"
+from resilient.units import human_bytes
 
 
 def _run_id_or_none(root: Path) -> str | None:
@@ -77,7 +69,7 @@ def command_ls(args: argparse.Namespace) -> int:
     for record in records:
         print(f"{record['step']:>9}  {record['status']:<8}  {record['reason'] or '-':<10}  "
               f"{record['world_size'] if record['world_size'] is not None else '-':>5}  "
-              f"{_human_bytes(int(record['bytes'])):>9}  {record['time']:<20}  {record['path']}")
+              f"{human_bytes(int(record['bytes'])):>9}  {record['time']:<20}  {record['path']}")
         if record["problem"]:
             print(f"{'':>11}{record['problem']}")
     return 0
@@ -117,7 +109,7 @@ def command_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {path}", file=sys.stderr)
         return 1
-    print(f"OK: {len(manifest.files)} files, {_human_bytes(manifest.total_bytes)}, match the sizes and "
+    print(f"OK: {len(manifest.files)} files, {human_bytes(manifest.total_bytes)}, match the sizes and "
           f"{manifest.checksum_algorithm} checksums in {path / MARKER_NAME}")
     return 0
 
@@ -150,7 +142,7 @@ def command_clean(args: argparse.Namespace) -> int:
 
     verb = "removing" if args.yes else "would remove"
     for info in victims:
-        print(f"{verb} {info.path} ({info.status}, {_human_bytes(size_on_disk(info))}): "
+        print(f"{verb} {info.path} ({info.status}, {human_bytes(size_on_disk(info))}): "
               f"{info.problem or 'named on the command line'}")
         if args.yes:
             # Renamed first, so an interrupted removal never leaves a directory that looks complete.
@@ -226,6 +218,28 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"error: cannot use --ckpt-dir {options.ckpt_dir}: {err}. Pass a writable directory.", file=sys.stderr)
         return 2
     return launcher.run()
+
+
+def command_chaos(args: argparse.Namespace) -> int:
+    import secrets
+
+    from resilient.chaos import EXIT_USAGE, ChaosOptions, parse_chaos_signals, run_chaos
+    from resilient.errors import ConfigError
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    try:
+        options = ChaosOptions(
+            command=tuple(command), kills=args.kills,
+            signals=parse_chaos_signals(part for part in args.signals.split(",") if part.strip()),
+            seed=seed, workdir=Path(args.workdir) if args.workdir else None, keep=args.keep, timeout=args.timeout,
+        )
+        return run_chaos(options)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -360,6 +374,32 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("dir", help="checkpoint directory of a run")
     status.add_argument("--json", action="store_true", help="print the events as JSON")
     status.set_defaults(func=command_status)
+
+    chaos = commands.add_parser(
+        "chaos", help="kill a training command at random moments and compare its final state with an "
+                      "uninterrupted run",
+        description="Run COMMAND twice, each time with a fresh directory in place of {ckpt_dir}: once without "
+                    "interruption, and once killed --kills times at random moments (some during a save) and "
+                    "restarted after each kill until it finishes. Both runs must print final_state_digest=<hex>. "
+                    "Exit statuses: 0 the final digests are equal; 1 they differ, or a run failed, hung or printed "
+                    "no digest; 2 invalid arguments. See docs/chaos.md.")
+    chaos.add_argument("--kills", type=int, required=True, help="how many times to kill the chaos run (at least 1)")
+    chaos.add_argument("--signals", default="SIGTERM,SIGUSR1,SIGKILL",
+                       help="comma-separated signals to kill with, each used at least once when --kills allows "
+                            "(default SIGTERM,SIGUSR1,SIGKILL)")
+    chaos.add_argument("--seed", type=int, default=None,
+                       help="seed of the kill plan; the report prints it so that a failure can be replayed "
+                            "(default: random)")
+    chaos.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds each run of the command may take before it is SIGKILLed and the check "
+                            "fails (default 600)")
+    chaos.add_argument("--workdir", default=None,
+                       help="new or empty directory for both runs' checkpoints and logs (default: a new temporary "
+                            "directory)")
+    chaos.add_argument("--keep", action="store_true",
+                       help="keep the work directory after a pass; after a failure it is always kept")
+    chaos.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --, containing {ckpt_dir}")
+    chaos.set_defaults(func=command_chaos)
 
     demo = commands.add_parser("demo", help="preempt a 2-rank training job, resume it and compare with an "
                                             "uninterrupted run")

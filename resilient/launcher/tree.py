@@ -22,7 +22,7 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import IO, Mapping, Sequence
 
 import psutil
 
@@ -100,11 +100,13 @@ class ProcessInfo:
 class ProcessTree:
     """The command's process and every descendant of this launcher process."""
 
-    def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, command: Sequence[str], env: Mapping[str, str], *, output: IO[bytes] | None = None) -> None:
+        """Start ``command``; with ``output``, its stdout and stderr go to that file instead of ours."""
         # Its own session: a terminal's Ctrl-C reaches only the launcher, which
         # relays it once, instead of every process twice.
         self.root = subprocess.Popen(list(command), env=dict(env), start_new_session=True,
-                                     preexec_fn=_terminate_with_parent)
+                                     preexec_fn=_terminate_with_parent, stdout=output,
+                                     stderr=subprocess.STDOUT if output is not None else None)
         self.root_status: int | None = None
 
     @property
