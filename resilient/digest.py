@@ -50,5 +50,11 @@ def state_digest(model: nn.Module, optimizers: torch.optim.Optimizer | Iterable[
     (FSDP), because sharded tensors are gathered; every rank must call it then.
     """
     optimizer_list = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    # get_state_dict initialises an empty optimizer state with a zero-gradient step(),
+    # which Adam counts as a step. Clearing it again keeps a digest taken before the
+    # first step from changing the training that follows.
+    fresh = [optimizer for optimizer in optimizer_list if not optimizer.state]
     model_state, optim_state = get_state_dict(model, optimizer_list, options=StateDictOptions(full_state_dict=False))
+    for optimizer in fresh:
+        optimizer.state.clear()
     return tree_digest({"model": model_state, "optim": optim_state if optimizer_list else {}})

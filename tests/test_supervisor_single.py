@@ -396,3 +396,23 @@ def test_read_only_ckpt_dir_rejected_at_start(tmp_path: Path) -> None:
     assert "ckpt_dir" in str(raised.value)
     assert str(mount_point) in str(raised.value)
     assert "Read-only file system" in str(raised.value)
+
+
+def test_state_digest_leaves_fresh_adam_unchanged() -> None:
+    def train(digest_first: bool) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        if digest_first:
+            state_digest(model, optimizer)
+        for _ in range(3):
+            model(torch.ones(1, 4)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model.weight.detach().clone(), float(optimizer.state[model.weight]["step"])
+
+    weight, steps = train(digest_first=True)
+    expected_weight, expected_steps = train(digest_first=False)
+
+    assert steps == expected_steps == 3.0
+    assert torch.equal(weight, expected_weight)
