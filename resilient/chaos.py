@@ -130,6 +130,11 @@ class ChaosOptions:
             raise ConfigError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
         if not math.isfinite(self.poll_interval) or self.poll_interval <= 0:
             raise ConfigError(f"poll_interval must be a positive number of seconds, got {self.poll_interval!r}")
+        program = self.command[0]
+        if shutil.which(program) is None:
+            raise ConfigError(f"cannot run {program!r}: no executable file of that name was found"
+                              + ("" if os.sep in program else " on PATH")
+                              + ". Check the command after '--', or give the full path of the program.")
 
     def command_for(self, ckpt_dir: Path) -> list[str]:
         return [part.replace(PLACEHOLDER, str(ckpt_dir)) for part in self.command]

@@ -141,16 +141,30 @@ def command_clean(args: argparse.Namespace) -> int:
         return 0
 
     verb = "removing" if args.yes else "would remove"
+    failed = 0
     for info in victims:
-        print(f"{verb} {info.path} ({info.status}, {human_bytes(size_on_disk(info))}): "
-              f"{info.problem or 'named on the command line'}")
-        if args.yes:
+        link = info.path.is_symlink()
+        size = "symbolic link, its target is kept" if link else human_bytes(size_on_disk(info))
+        print(f"{verb} {info.path} ({info.status}, {size}): {info.problem or 'named on the command line'}")
+        if not args.yes:
+            continue
+        try:
+            if link:
+                info.path.unlink()
+                continue
             # Renamed first, so an interrupted removal never leaves a directory that looks complete.
             aside = info.path.with_name(aside_name(info.step, "deleting"))
             os.rename(info.path, aside)
             shutil.rmtree(aside)
+        except OSError as err:
+            failed += 1
+            print(f"error: could not remove {info.path}: {err}", file=sys.stderr)
     if not args.yes:
         print("dry run: nothing was removed; pass --yes to remove these directories")
+    if failed:
+        print(f"error: {failed} of {len(victims)} directories could not be removed; fix the errors above and "
+              "run the command again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,7 @@ def empty_dcp_metadata() -> bytes:
     """The ``.metadata`` DCP writes for an empty state dict, which verification unpickles."""
     from torch.distributed.checkpoint.metadata import Metadata
 
-    return pickle.dumps(Metadata(state_dict_metadata={}))
+    return pickle.dumps(Metadata(state_dict_metadata={}, storage_data={}))
 
 
 def default_files(step: int) -> dict[str, bytes]:

@@ -88,12 +88,13 @@ def test_chaos_catches_lost_data_position(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--kills", "1", "--", sys.executable, "train.py", "--ckpt-dir", "ckpt"],
      "the command does not contain the placeholder {ckpt_dir}"),
-    (["--kills", "1", "--signals", "TERM,FOO", "--", "train", "{ckpt_dir}"], "invalid signal 'FOO' for --signals"),
-    (["--kills", "1", "--signals", "INT", "--", "train", "{ckpt_dir}"], "invalid signal SIGINT for --signals"),
-    (["--kills", "1", "--signals", "CHLD", "--", "train", "{ckpt_dir}"], "invalid signal SIGCHLD for --signals"),
-    (["--kills", "0", "--", "train", "{ckpt_dir}"], "kills must be an integer of at least 1, got 0"),
-    (["--kills", "1", "--timeout", "0", "--", "train", "{ckpt_dir}"], "timeout must be a positive number"),
+    (["--kills", "1", "--signals", "TERM,FOO", "--", sys.executable, "{ckpt_dir}"], "invalid signal 'FOO' for --signals"),
+    (["--kills", "1", "--signals", "INT", "--", sys.executable, "{ckpt_dir}"], "invalid signal SIGINT for --signals"),
+    (["--kills", "1", "--signals", "CHLD", "--", sys.executable, "{ckpt_dir}"], "invalid signal SIGCHLD for --signals"),
+    (["--kills", "0", "--", sys.executable, "{ckpt_dir}"], "kills must be an integer of at least 1, got 0"),
+    (["--kills", "1", "--timeout", "0", "--", sys.executable, "{ckpt_dir}"], "timeout must be a positive number"),
     (["--kills", "1"], "no command given"),
+    (["--kills", "1", "--", "/nonexistent/train", "{ckpt_dir}"], "cannot run '/nonexistent/train'"),
 ])
 def test_chaos_argument_errors(args: list[str], message: str) -> None:
     result = chaos_cli(*args, timeout=60)
@@ -106,7 +107,7 @@ def test_chaos_argument_errors(args: list[str], message: str) -> None:
 def test_chaos_rejects_used_workdir(tmp_path: Path) -> None:
     (tmp_path / "old.txt").write_text("left from an earlier run")
 
-    result = chaos_cli("--kills", "1", "--workdir", str(tmp_path), "--", "train", "{ckpt_dir}", timeout=60)
+    result = chaos_cli("--kills", "1", "--workdir", str(tmp_path), "--", sys.executable, "{ckpt_dir}", timeout=60)
 
     assert result.returncode == 2
     assert f"workdir {tmp_path} is not an empty directory" in result.stderr

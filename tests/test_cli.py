@@ -161,3 +161,19 @@ def test_cli_clean_unknown_name(run_dir: Path) -> None:
 
     assert result.returncode == 2
     assert "no checkpoint directory named step_000000099" in result.stderr
+
+
+def test_cli_clean_removes_link_not_target(run_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("not part of any checkpoint")
+    link = run_dir / (checkpoint_name(60) + ".tmp-aaaaaaaa")
+    link.symlink_to(target)
+
+    result = resilient_cli("clean", str(run_dir), "--yes", cwd=run_dir.parent)
+
+    assert result.returncode == 0, result.stderr
+    assert "symbolic link, its target is kept" in result.stdout
+    assert not link.exists() and not link.is_symlink()
+    assert (target / "keep.txt").read_text() == "not part of any checkpoint"
+    assert not list(run_dir.glob(checkpoint_name(30) + ".tmp-*"))

@@ -98,7 +98,32 @@ def path_outside(checkpoint: Path, target: Path) -> str:
     return "outside the checkpoint directory"
 
 
-CRAFTS = {"code-in-metadata": code_in_metadata, "bytes-entry": bytes_entry, "path-outside": path_outside}
+def entry_table_none(checkpoint: Path, target: Path) -> str:
+    # Only allowed classes, put together in a way DCP never writes.
+    metadata = real_metadata(checkpoint)
+    metadata.state_dict_metadata = None
+    plant(checkpoint, ".metadata", pickle.dumps(metadata))
+    return "is not valid DCP metadata"
+
+
+def offset_past_end(checkpoint: Path, target: Path) -> str:
+    metadata = real_metadata(checkpoint)
+    index, info = next(iter(metadata.storage_data.items()))
+    metadata.storage_data[index] = _StorageInfo(info.relative_path, 10**12, info.length)
+    plant(checkpoint, ".metadata", pickle.dumps(metadata))
+    return "which has"
+
+
+def reads_manifest(checkpoint: Path, target: Path) -> str:
+    metadata = real_metadata(checkpoint)
+    index, info = next(iter(metadata.storage_data.items()))
+    metadata.storage_data[index] = _StorageInfo(MARKER_NAME, 0, 10)
+    plant(checkpoint, ".metadata", pickle.dumps(metadata))
+    return "not a data file listed in the manifest"
+
+
+CRAFTS = {"code-in-metadata": code_in_metadata, "bytes-entry": bytes_entry, "path-outside": path_outside,
+          "entry-table-none": entry_table_none, "offset-past-end": offset_past_end, "reads-manifest": reads_manifest}
 
 
 @pytest.mark.parametrize("craft", sorted(CRAFTS))
@@ -121,10 +146,12 @@ def test_crafted_metadata_is_never_unpickled(tmp_path: Path, craft: str) -> None
     assert {path: path.read_bytes() for path in (root / checkpoint_name(10)).iterdir()} == others
 
 
-def test_crafted_latest_falls_back_to_previous(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("craft", sorted(CRAFTS))
+def test_crafted_latest_falls_back_to_previous(tmp_path: Path, craft: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     root, target = tmp_path / "ckpt", tmp_path / "code-ran"
     checkpoint = saved_run(root)
-    code_in_metadata(checkpoint, target)
+    message = CRAFTS[craft](checkpoint, target)
 
     trainer = Trainer("sgd", seed=1234)
     with caplog.at_level(logging.ERROR, logger="resilient"):
@@ -132,7 +159,9 @@ def test_crafted_latest_falls_back_to_previous(tmp_path: Path, caplog: pytest.Lo
 
     assert supervisor.resumed_from == root / checkpoint_name(10)
     assert not target.exists(), "unpickling ran the planted code"
-    assert f"{checkpoint / '.metadata'} refers to builtins.exec" in caplog.text
+    errors = [record.getMessage() for record in caplog.records
+              if record.name.startswith("resilient") and record.levelno >= logging.ERROR]
+    assert any(str(checkpoint / ".metadata") in text and message in text for text in errors), errors
     assert trainer.digest() == reference_digest("sgd")
     assert len(list(root.glob(checkpoint_name(20) + ".corrupt-*"))) == 1
 

@@ -14,8 +14,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from resilient._logging import get_logger
 from resilient.checkpoint.discovery import iter_complete_newest_first
 from resilient.checkpoint.fsutil import checksum_file, checksum_supported
-from resilient.checkpoint.layout import Manifest, ManifestError, aside_name, parse_dir_name, read_manifest
-from resilient.checkpoint.safe_reader import SafeFileSystemReader, load_metadata
+from resilient.checkpoint.layout import MARKER_NAME, Manifest, ManifestError, aside_name, parse_dir_name, read_manifest
+from resilient.checkpoint.safe_reader import SafeFileSystemReader, check_storage_against_files, load_metadata
 from resilient.codec import Leaf
 from resilient.comm import Comm
 from resilient.errors import CheckpointLoadError, describe_failure
@@ -55,7 +55,10 @@ def verify_checksums(path: Path, manifest: Manifest, rank: int = 0, world_size: 
         # Matching checksums prove nothing when one hand wrote the files and the manifest.
         try:
             with open(path / ".metadata", "rb") as file:
-                load_metadata(file, str(path / ".metadata"))
+                metadata = load_metadata(file, str(path / ".metadata"))
+            data_files = {entry.path: entry.size for entry in manifest.files
+                          if entry.path not in (".metadata", MARKER_NAME)}
+            problems.extend(check_storage_against_files(metadata, data_files, str(path / ".metadata")))
         except OSError as err:
             problems.append(f"{path / '.metadata'}: cannot be read ({err})")
         except CheckpointLoadError as err:

@@ -62,7 +62,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(
             f"{self._where} refers to {module}.{name}, which DCP never writes into its metadata. resilient did "
             "not unpickle it, because loading it could run code from the file. Check where the checkpoint came "
-            "from, then move it away (`resilient clean DIR NAME --yes`) or resume from another one."
+            "from. Move it out of the checkpoint directory to keep it for inspection, delete it with "
+            "`resilient clean DIR NAME --yes`, or resume from another checkpoint."
         )
 
 
@@ -76,19 +77,46 @@ def load_metadata(file: io.BufferedIOBase, where: str) -> dcp_metadata.Metadata:
         raise CheckpointLoadError(f"{where} is not readable DCP metadata ({type(err).__name__}: {err})") from err
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise UnsafeCheckpointError(f"{where} contains a {type(metadata).__name__} instead of DCP metadata")
+    # The allowed classes can still be put together wrongly; DCP would then fail with any error.
+    if not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointLoadError(f"{where} is not valid DCP metadata: its entry table is a "
+                                  f"{type(metadata.state_dict_metadata).__name__}, not a dict")
+    if not isinstance(metadata.storage_data, dict):
+        raise CheckpointLoadError(f"{where} is not valid DCP metadata: its storage table is a "
+                                  f"{type(metadata.storage_data).__name__}, not a dict")
     for key, stored in metadata.state_dict_metadata.items():
         if not isinstance(stored, dcp_metadata.TensorStorageMetadata):
             raise UnsafeCheckpointError(
                 f"{where}: entry {key!r} is stored as {type(stored).__name__}, but resilient writes every entry as "
                 "a tensor, and DCP would unpickle this one with weights_only=False. Loading it was rejected."
             )
-    for index, info in (metadata.storage_data or {}).items():
+    for index, info in metadata.storage_data.items():
         _check_storage_info(info, where, index)
     return metadata
 
 
+def check_storage_against_files(metadata: dcp_metadata.Metadata, sizes: dict[str, int], where: str) -> list[str]:
+    """Return one message per storage entry that reads outside the data files listed in ``sizes``.
+
+    ``sizes`` maps the manifest's data files (not ``.metadata``) to their sizes.
+    An offset past the end of its file, or a reference to ``manifest.json``,
+    would otherwise pass the checksums and fail only inside DCP's load.
+    """
+    problems = []
+    for index, info in metadata.storage_data.items():
+        size = sizes.get(str(info.relative_path))
+        if size is None:
+            problems.append(f"{where}: storage entry {index} reads {info.relative_path!r}, which is not a data file "
+                            "listed in the manifest")
+        elif not (isinstance(info.offset, int) and isinstance(info.length, int)) or info.offset < 0 \
+                or info.length < 0 or info.offset + info.length > size:
+            problems.append(f"{where}: storage entry {index} reads bytes {info.offset!r} to "
+                            f"{info.offset!r}+{info.length!r} of {info.relative_path}, which has {size} bytes")
+    return problems
+
+
 def _check_storage_info(info: Any, where: str, index: Any) -> None:
-    if not isinstance(info, _StorageInfo):
+    if not isinstance(index, dcp_metadata.MetadataIndex) or not isinstance(info, _StorageInfo):
         raise UnsafeCheckpointError(f"{where}: storage entry {index} is a {type(info).__name__}, not _StorageInfo")
     relative = str(info.relative_path)
     parts = PurePosixPath(relative).parts
