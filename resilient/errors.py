@@ -55,7 +55,7 @@ class Preempted(SystemExit):
 
 
 def failures_by_rank(err: BaseException) -> list[tuple[int | None, BaseException]]:
-    """The per-rank exceptions inside DCP's ``CheckpointException``, or ``[(None, err)]`` for any other error."""
+    """Return the per-rank exceptions inside DCP's ``CheckpointException``, or ``[(None, err)]`` otherwise."""
     failures = getattr(err, "failures", None)
     if isinstance(failures, dict) and failures:
         return [(rank, failures[rank][0]) for rank in sorted(failures)]

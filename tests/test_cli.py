@@ -174,6 +174,7 @@ def test_cli_clean_removes_link_not_target(run_dir: Path, tmp_path: Path) -> Non
 
     assert result.returncode == 0, result.stderr
     assert "symbolic link, its target is kept" in result.stdout
-    assert not link.exists() and not link.is_symlink()
+    assert not link.is_symlink()
+    assert not link.exists()
     assert (target / "keep.txt").read_text() == "not part of any checkpoint"
     assert not list(run_dir.glob(checkpoint_name(30) + ".tmp-*"))

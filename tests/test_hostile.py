@@ -1,8 +1,8 @@
 """Hostile and broken environments: crafted pickles, a full disk, a rank frozen during agreement.
 
 The crafted checkpoints rewrite the manifest's sizes and checksums to match, as
-the author of a crafted checkpoint would, so only the safe metadata reader
-stands between the file and the code it carries.
+the author of a crafted checkpoint would. The safe metadata reader is then
+the only defence against the code the file carries.
 """
 
 from __future__ import annotations
@@ -189,9 +189,9 @@ def test_weights_only_rejects_code_in_tensor_file(tmp_path: Path) -> None:
 
 
 def test_disk_full_fails_every_rank_and_keeps_previous(mount_tmpfs) -> None:
-    # One checkpoint of the 512-wide model takes 1.1 MB, rank 0 writing 1.05 MB of it.
-    # The job starts with room for two; once step 3 is committed, a file fills the
-    # disk up to 100 KB, as another job's output would, and the step-6 save runs out.
+    # One checkpoint of the 512-wide model takes 1.1 MB, of which rank 0 writes 1.05 MB.
+    # The job starts with room for two. Once step 3 is committed, a file fills the disk
+    # up to 100 KB, as another job's output would, so the step-6 save runs out of space.
     disk = mount_tmpfs("4m")
     ckpt = disk / "ckpt"
     job = Job.start(torchrun_command(SCRIPTS / "faulty_save.py", str(ckpt), "none", "0"),

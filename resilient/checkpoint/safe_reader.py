@@ -4,11 +4,13 @@ DCP stores its ``.metadata`` file as a pickle and loads it with ``pickle.load``,
 and it loads any entry that the metadata marks as bytes with
 ``torch.load(weights_only=False)``. Both run arbitrary code from the file. A
 matching checksum does not help, because a crafted checkpoint comes with a
-manifest written to match it. :class:`SafeFileSystemReader` unpickles ``.metadata`` with an
-allowlist of the classes DCP itself puts there, and refuses metadata that
-could make DCP read outside the checkpoint or unpickle an entry: resilient
-writes every entry as a tensor (see ``resilient.codec``), and DCP loads
-tensors with ``weights_only=True``.
+manifest written to match it.
+
+:class:`SafeFileSystemReader` unpickles ``.metadata`` with an allowlist of the
+classes DCP itself puts there. It rejects metadata that could make DCP read
+outside the checkpoint or unpickle an entry. That costs nothing, because
+resilient writes every entry as a tensor (see ``resilient.codec``) and DCP
+loads tensors with ``weights_only=True``.
 """
 
 from __future__ import annotations
